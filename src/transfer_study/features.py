@@ -1,0 +1,93 @@
+"""Run a frozen backbone once over a split and stream its features to a memory-mapped file."""
+
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import layout
+from .atomic import atomic_path, write_json
+from .data import SPLITS, load_split
+from .models import backbone_spec, count_params, feature_extractor
+
+# Images per backbone call: CPU batches only need to amortize Python overhead; GPU batches fill
+# the device at 224-299 px in bf16 without approaching its memory.
+BATCH_SIZE = {"cpu": 32, "cuda": 256}
+
+
+def default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_dtype(device):
+    """bf16 where the device has fast bf16 matrix units (CUDA Ampere and newer), else fp32."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def prepare_extractor(extractor, device):
+    """Eval mode (dropout off, batch norm frozen), no gradients, channels_last on the device."""
+    extractor.eval().requires_grad_(False)
+    return extractor.to(device, memory_format=torch.channels_last)
+
+
+@torch.inference_mode()
+def featurize(extractor, images, out_path, feature_dim, device, desc="featurize"):
+    """Write extractor(images) as float16 (N x feature_dim) .npy, batch by batch.
+
+    Features go straight into a memory-mapped file, so host memory holds one batch of features
+    whatever the split's size. Returns images per second.
+    """
+    dtype = autocast_dtype(device)
+    batch_size = BATCH_SIZE[device.type]
+    start = time.perf_counter()
+    with atomic_path(out_path) as tmp:
+        out = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.float16, shape=(len(images), feature_dim)
+        )
+        for first in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch"):
+            batch = torch.from_numpy(images[first : first + batch_size])
+            if device.type == "cuda":
+                batch = batch.pin_memory().to(device, non_blocking=True)
+            batch = batch.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                features = extractor(batch)
+            out[first : first + len(batch)] = features.to(torch.float16).cpu().numpy()
+        out.flush()
+        del out
+    return len(images) / (time.perf_counter() - start)
+
+
+def featurize_model(name, section, splits=SPLITS):
+    """Cache the frozen backbone's features of every split, with a meta file and timing metrics."""
+    device = default_device()
+    spec = backbone_spec(name)
+    extractor = feature_extractor(name, section.weights, section.image_size)
+    extractor = prepare_extractor(extractor, device)
+    timings = {}
+    for split in splits:
+        images = load_split(layout.split_file(split)).images
+        timings[split] = featurize(
+            extractor,
+            images,
+            layout.features_file(name, split),
+            spec.feature_dim,
+            device,
+            desc=f"{name} {split}",
+        )
+    meta = {
+        "feature_dim": spec.feature_dim,
+        "backbone_params": count_params(extractor),
+        "image_size": section.image_size,
+        "weights": section.weights,
+    }
+    write_json(layout.features_meta(name), meta)
+    metrics = {
+        "images_per_second": {s: round(v, 1) for s, v in timings.items()},
+        "device": str(device),
+        "precision": "bf16" if autocast_dtype(device) else "fp32",
+    }
+    write_json(layout.METRICS_DIR / f"featurize_{name}.json", metrics)
+    return metrics

@@ -1,0 +1,52 @@
+"""Network pieces shared by every model: activations, the MLP/head builder, input preprocessing."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+}
+
+
+def mlp(in_features, hidden, num_classes, activation, dropout):
+    """Linear layers of widths `hidden`, each with activation and dropout, then the logits."""
+    layers = []
+    for width in hidden:
+        layers += [nn.Linear(in_features, width), ACTIVATIONS[activation]()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        in_features = width
+    layers.append(nn.Linear(in_features, num_classes))
+    return nn.Sequential(*layers)
+
+
+class Preprocess(nn.Module):
+    """uint8 NCHW images -> float, resized to `size` and normalized, all as one batched op."""
+
+    def __init__(self, size, mean, std):
+        super().__init__()
+        self.size = size
+        # mean/std are given on the 0-1 scale; scaling them by 255 saves a division per pixel.
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
+
+    def forward(self, images):
+        x = images.float()
+        if x.shape[-2:] != (self.size, self.size):
+            # Antialias only matters when shrinking; it is a no-op cost when enlarging.
+            shrinking = x.shape[-1] > self.size
+            x = F.interpolate(
+                x,
+                size=(self.size, self.size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=shrinking,
+            )
+        return (x - self.mean) / self.std

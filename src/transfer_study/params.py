@@ -1,0 +1,268 @@
+"""params.yaml parsed once into frozen dataclasses; a bad value stops with one line naming it."""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+from .models import BACKBONES, MLP_INPUT, MODEL_NAMES
+from .nets import ACTIVATIONS
+from .optim import OPTIMIZERS, SCHEDULERS
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true")
+
+
+class ParamsError(UserError):
+    """A key of params.yaml is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    url: str
+    md5: str | None
+    val_fraction: float
+    train_size: int | None  # images drawn from the official train set, before the val split
+    test_size: int | None
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    l1: float
+    scheduler: str
+    gamma: float
+    batch_size: int
+    max_epochs: int
+    patience: int  # epochs without val_loss improvement before stopping
+    min_delta: float  # smallest val_loss decrease that counts as improvement
+    hflip: bool  # random horizontal flips, train split only, for models that see pixels
+    accelerator: str
+    devices: int
+    precision: str
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    hidden: tuple[int, ...]
+    activation: str
+    dropout: float
+
+
+@dataclass(frozen=True)
+class MlpParams:
+    image_size: int
+    hidden: tuple[int, ...]
+    activation: str
+    dropout: float
+    train: TrainParams
+
+
+@dataclass(frozen=True)
+class BackboneParams:
+    weights: str  # imagenet | none | path to a torchvision state_dict
+    image_size: int
+    freeze: bool  # true: train a head on cached features; false: fine-tune from images
+    head: HeadParams
+    train: TrainParams
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    models: tuple[str, ...]
+    data: DataParams
+    train: TrainParams
+    model_sections: dict  # model name -> MlpParams | BackboneParams
+
+    def model(self, name):
+        return self.model_sections[name]
+
+
+def load_params(path="params.yaml", overrides=None):
+    """Parse and validate params.yaml (with optional nested `overrides`) into Params."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ParamsError(f"cannot read {path}: {error}") from None
+    return parse_params(deep_merge(raw or {}, overrides or {}))
+
+
+def parse_params(raw):
+    if not isinstance(raw, dict):
+        raise ParamsError("params.yaml must be a mapping of keys to values")
+    common = ("seed", "models", "data", "train")
+    for key in raw:
+        if key not in common and key not in MODEL_NAMES:
+            valid = ", ".join((*common, *MODEL_NAMES))
+            raise ParamsError(f"unknown key '{key}' (valid: {valid})")
+    for key in common:
+        if key not in raw:
+            raise ParamsError(f"missing key '{key}'")
+    shared_train = raw["train"]
+    # The shared section first, so that its errors name `train.<key>`, not a model's copy.
+    train = _parse(TrainParams, shared_train, "train")
+    _validate_train(train, "train")
+    sections = {}
+    for name in MODEL_NAMES:
+        if name not in raw:
+            continue
+        section = raw[name]
+        if not isinstance(section, dict):
+            raise ParamsError(f"{name}: expected a mapping, got {section!r}")
+        # A model's own `train:` overrides the shared section, key by key.
+        merged = {**section, "train": deep_merge(shared_train, section.get("train") or {})}
+        sections[name] = parse_section(name, merged)
+    params = Params(
+        seed=_coerce(int, raw["seed"], "seed"),
+        models=_coerce(tuple[str, ...], raw["models"], "models"),
+        data=_parse(DataParams, raw["data"], "data"),
+        train=train,
+        model_sections=sections,
+    )
+    _validate(params)
+    return params
+
+
+def parse_section(name, raw):
+    """One model's section, its `train` already merged (as saved inside a model file)."""
+    return _parse(MlpParams if name == "mlp" else BackboneParams, raw, name)
+
+
+def deep_merge(base, overrides):
+    """`base` with `overrides` applied key by key, recursively into mappings."""
+    if not isinstance(base, dict) or not isinstance(overrides, dict):
+        return overrides
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = deep_merge(base.get(key), value) if key in base else value
+    return merged
+
+
+def _parse(cls, raw, where):
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where}: expected a mapping, got {raw!r}")
+    names = [field.name for field in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            raise ParamsError(f"unknown key '{where}.{key}' (valid: {', '.join(names)})")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name in names:
+        if name not in raw:
+            raise ParamsError(f"missing key '{where}.{name}'")
+        values[name] = _coerce(hints[name], raw[name], f"{where}.{name}")
+    return cls(**values)
+
+
+_KIND_NAMES = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
+
+
+def _coerce(kind, value, key):
+    if dataclasses.is_dataclass(kind):
+        return _parse(kind, value, key)
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `X | None`
+        if value is None:
+            return None
+        return _coerce(next(a for a in args if a is not type(None)), value, key)
+    if typing.get_origin(kind) is tuple:
+        if not isinstance(value, list | tuple):
+            raise ParamsError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], item, f"{key}[{i}]") for i, item in enumerate(value))
+    if kind is float and isinstance(value, str):
+        # PyYAML follows YAML 1.1, which reads `1e-4` (no dot) as the string '1e-4'.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, bool):
+        raise ParamsError(f"{key}: expected an integer, got {value!r}")
+    if not isinstance(value, kind):
+        raise ParamsError(f"{key}: expected {_KIND_NAMES[kind]}, got {value!r}")
+    return value
+
+
+def _check(ok, key, value, accepts):
+    if not ok:
+        raise ParamsError(f"{key} = {value!r}: accepts {accepts}")
+
+
+def _one_of(key, value, valid):
+    _check(value in valid, key, value, "one of " + ", ".join(valid))
+
+
+def _validate_train(train, where):
+    _one_of(f"{where}.optimizer", train.optimizer, tuple(OPTIMIZERS))
+    _one_of(f"{where}.scheduler", train.scheduler, SCHEDULERS)
+    _one_of(f"{where}.accelerator", train.accelerator, ACCELERATORS)
+    _one_of(f"{where}.precision", train.precision, PRECISIONS)
+    _check(train.lr > 0, f"{where}.lr", train.lr, "a number > 0")
+    _check(0 <= train.momentum < 1, f"{where}.momentum", train.momentum, "a number in [0, 1)")
+    for name in ("weight_decay", "l1", "min_delta"):
+        value = getattr(train, name)
+        _check(value >= 0, f"{where}.{name}", value, "a number >= 0")
+    _check(0 < train.gamma <= 1, f"{where}.gamma", train.gamma, "a number in (0, 1]")
+    for name, low in (
+        ("batch_size", 1),
+        ("max_epochs", 1),
+        ("patience", 0),
+        ("devices", 1),
+    ):
+        value = getattr(train, name)
+        _check(value >= low, f"{where}.{name}", value, f"an integer >= {low}")
+
+
+def _validate_layers(section, where):
+    _one_of(f"{where}.activation", section.activation, tuple(ACTIVATIONS))
+    _check(0 <= section.dropout < 1, f"{where}.dropout", section.dropout, "a number in [0, 1)")
+    for width in section.hidden:
+        _check(width >= 1, f"{where}.hidden", list(section.hidden), "a list of integers >= 1")
+
+
+def _validate(params):
+    data = params.data
+    _check(0 < data.val_fraction < 1, "data.val_fraction", data.val_fraction, "a number in (0, 1)")
+    for name in ("train_size", "test_size"):
+        value = getattr(data, name)
+        _check(value is None or value >= 10, f"data.{name}", value, "null or an integer >= 10")
+    _check(
+        len(params.models) > 0 and len(set(params.models)) == len(params.models),
+        "models",
+        list(params.models),
+        "a non-empty list of distinct model names",
+    )
+    for name in params.models:
+        _one_of("models[]", name, MODEL_NAMES)
+        if name not in params.model_sections:
+            raise ParamsError(f"missing key '{name}' (the section of a model listed in models)")
+    for name, section in params.model_sections.items():
+        _validate_train(section.train, f"{name}.train")
+        if name == "mlp":
+            _validate_layers(section, name)
+            min_size = MLP_INPUT.min_size
+        else:
+            _validate_layers(section.head, f"{name}.head")
+            weights = section.weights
+            _check(
+                weights in ("imagenet", "none") or Path(weights).is_file(),
+                f"{name}.weights",
+                weights,
+                "imagenet, none or the path of an existing state_dict file",
+            )
+            min_size = BACKBONES[name].min_size
+        _check(
+            section.image_size >= min_size,
+            f"{name}.image_size",
+            section.image_size,
+            f"an integer >= {min_size} (the smallest input {name} takes)",
+        )

@@ -1,0 +1,262 @@
+"""One generic LightningModule and the fit loop shared by the MLP, the heads and fine-tuning."""
+
+import dataclasses
+import json
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torchmetrics.classification import MulticlassAccuracy
+
+from . import layout
+from .atomic import atomic_path, write_json
+from .data import load_split
+from .errors import UserError
+from .models import MLP_INPUT, backbone_spec, count_params, feature_extractor
+from .nets import Preprocess, mlp
+from .optim import build_optimizer, build_scheduler
+from .params import BackboneParams, MlpParams, parse_section
+
+# Tensors already in memory need no loader workers; Lightning's hint says otherwise.
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+
+class Classifier(pl.LightningModule):
+    """Any network mapping a batch to class logits: shared step, per-split accuracy."""
+
+    def __init__(self, net, train, num_classes, hflip=False):
+        super().__init__()
+        self.net = net
+        self.train_params = train
+        self.hflip = hflip
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, inputs):
+        return self.net(inputs)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        inputs, labels = batch
+        if inputs.dtype == torch.float16:  # cached features are stored as fp16 to halve memory
+            inputs = inputs.float()
+        if self.hflip and self.trainer.training:
+            flip = torch.rand(len(inputs), device=inputs.device) < 0.5
+            inputs = torch.where(flip[:, None, None, None], inputs.flip(-1), inputs)
+        return inputs, labels
+
+    def _step(self, batch, split):
+        inputs, labels = batch
+        logits = self.net(inputs).float()
+        loss = F.cross_entropy(logits, labels)
+        accuracy = getattr(self, f"{split}_acc")
+        accuracy(logits, labels)
+        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{split}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        loss = self._step(batch, "train")
+        if self.train_params.l1 > 0:
+            # L1 on weight matrices only, as Keras' kernel_regularizer did in the studies.
+            named = self.net.named_parameters()
+            weights = [p for n, p in named if p.requires_grad and n.endswith("weight")]
+            loss = loss + self.train_params.l1 * sum(w.abs().sum() for w in weights)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        optimizer = build_optimizer(trainable, self.train_params)
+        scheduler = build_scheduler(optimizer, self.train_params)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+class _Batches(Dataset):
+    """In-memory tensors indexed a whole batch at a time (one gather, no per-sample Python)."""
+
+    def __init__(self, inputs, labels):
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, indices):
+        indices = torch.as_tensor(indices)
+        return self.inputs[indices], self.labels[indices]
+
+
+def make_loader(inputs, labels, batch_size, shuffle, seed=0, pin_memory=False):
+    dataset = _Batches(torch.as_tensor(inputs), torch.as_tensor(labels))
+    order = (
+        RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+        if shuffle
+        else SequentialSampler(dataset)
+    )
+    sampler = BatchSampler(order, batch_size, drop_last=False)
+    return DataLoader(dataset, sampler=sampler, batch_size=None, pin_memory=pin_memory)
+
+
+def uses_features(section):
+    """Frozen backbones train a head on cached features; everything else sees pixels."""
+    return isinstance(section, BackboneParams) and section.freeze
+
+
+def build_net(name, section, num_classes, feature_dim=None, weights=None):
+    """The trainable network for a model section. `weights` overrides section.weights (loading a
+    trained model needs no ImageNet download: its state_dict replaces them)."""
+    if isinstance(section, MlpParams):
+        size = section.image_size
+        return nn.Sequential(
+            Preprocess(size, MLP_INPUT.mean, MLP_INPUT.std),
+            nn.Flatten(),
+            mlp(3 * size * size, section.hidden, num_classes, section.activation, section.dropout),
+        )
+    head_args = (section.head.hidden, num_classes, section.head.activation, section.head.dropout)
+    if section.freeze:
+        return mlp(feature_dim, *head_args)
+    extractor = feature_extractor(name, weights or section.weights, section.image_size)
+    return nn.Sequential(extractor, mlp(backbone_spec(name).feature_dim, *head_args))
+
+
+def load_inputs(name, section, split):
+    """(inputs, labels, class names) of a split, as the model `name` consumes them."""
+    data = load_split(layout.split_file(split))
+    if uses_features(section):
+        return np.load(layout.features_file(name, split)), data.labels, data.classes
+    return data.images, data.labels, data.classes
+
+
+def resolve_precision(train):
+    if train.precision != "auto":
+        return train.precision
+    on_gpu = train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def check_accelerator(train):
+    if train.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(
+            "train.accelerator = gpu, but no CUDA device is visible; set it to auto or cpu"
+        )
+
+
+def train_model(name, params):
+    """Fit model `name`; write its model file, metrics and history. Returns the metrics."""
+    section = params.model(name)
+    train = section.train
+    check_accelerator(train)
+    pl.seed_everything(params.seed, workers=True)
+    train_x, train_y, classes = load_inputs(name, section, "train")
+    val_x, val_y, _ = load_inputs(name, section, "val")
+    if train.batch_size > len(train_y):
+        raise UserError(
+            f"{name}.train.batch_size = {train.batch_size} is larger than the train split "
+            f"({len(train_y)} images); lower it or raise data.train_size"
+        )
+    features = uses_features(section)
+    feature_meta = json.loads(layout.features_meta(name).read_text()) if features else {}
+    net = build_net(name, section, len(classes), feature_meta.get("feature_dim"))
+    module = Classifier(net, train, len(classes), hflip=train.hflip and not features)
+    pin = torch.cuda.is_available() and train.accelerator != "cpu"
+    train_loader = make_loader(train_x, train_y, train.batch_size, True, params.seed, pin)
+    val_loader = make_loader(val_x, val_y, train.batch_size, False, pin_memory=pin)
+
+    with tempfile.TemporaryDirectory() as work:
+        best = ModelCheckpoint(dirpath=work, monitor="val/loss", mode="min", save_weights_only=True)
+        stop = EarlyStopping(
+            monitor="val/loss", mode="min", patience=train.patience, min_delta=train.min_delta
+        )
+        trainer = pl.Trainer(
+            max_epochs=train.max_epochs,
+            accelerator=train.accelerator,
+            devices=train.devices,
+            precision=resolve_precision(train),
+            callbacks=[best, stop],
+            logger=CSVLogger(work, name="", version=""),
+            default_root_dir=work,
+            enable_model_summary=False,
+            log_every_n_steps=1,  # metrics are logged per epoch; this only silences a hint
+        )
+        started = time.perf_counter()
+        trainer.fit(module, train_loader, val_loader)
+        seconds = time.perf_counter() - started
+        history = _epoch_history(Path(work) / "metrics.csv")
+        if history["val_loss"].isna().all():
+            raise UserError(f"{name}: val_loss was never finite; lower {name}.train.lr")
+        state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+
+    config = {
+        "name": name,
+        "section": dataclasses.asdict(section),
+        "classes": list(classes),
+        "feature_dim": feature_meta.get("feature_dim"),
+        "seed": params.seed,
+    }
+    with atomic_path(layout.model_file(name)) as tmp:
+        torch.save({"state_dict": module.net.state_dict(), "config": config}, tmp)
+    with atomic_path(layout.history_file(name)) as tmp:
+        history.to_csv(tmp, index=False)
+    trainable = count_params(net, trainable_only=True)
+    metrics = {
+        "best_val_loss": float(history["val_loss"].min()),
+        "best_val_accuracy": float(history["val_acc"].max()),
+        "epochs": len(history),
+        "best_epoch": int(history.loc[history["val_loss"].idxmin(), "epoch"]),
+        "train_seconds": round(seconds, 2),
+        "trainable_params": trainable,
+        "total_params": count_params(net) + feature_meta.get("backbone_params", 0),
+        "lr": train.lr,
+        "optimizer": train.optimizer,
+        "batch_size": train.batch_size,
+        "precision": resolve_precision(train),
+        "device": _device_name(trainer),
+        "versions": {"torch": torch.__version__, "lightning": pl.__version__},
+    }
+    write_json(layout.train_metrics(name), metrics)
+    return metrics
+
+
+def _epoch_history(csv_path):
+    """Lightning's CSV log (train and val rows apart) -> one row per epoch, 1-based."""
+    log = pd.read_csv(csv_path)
+    columns = {
+        "train/loss": "train_loss",
+        "train/acc": "train_acc",
+        "val/loss": "val_loss",
+        "val/acc": "val_acc",
+    }
+    history = log.groupby("epoch")[list(columns)].last().rename(columns=columns).reset_index()
+    history["epoch"] += 1
+    return history
+
+
+def _device_name(trainer):
+    device = trainer.strategy.root_device
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def load_trained(path):
+    """(network in eval mode, its model section, config) from a file written by train_model."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    config = saved["config"]
+    section = parse_section(config["name"], config["section"])
+    net = build_net(
+        config["name"], section, len(config["classes"]), config["feature_dim"], weights="none"
+    )
+    net.load_state_dict(saved["state_dict"])
+    return net.eval(), section, config

@@ -1,0 +1,16 @@
+"""Stage featurize_<model>: run the frozen backbone once over every split, cache its features."""
+
+import sys
+
+from transfer_study.errors import exit_on_user_error
+from transfer_study.features import featurize_model
+from transfer_study.params import load_params
+
+
+@exit_on_user_error
+def main(name):
+    featurize_model(name, load_params().model(name))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

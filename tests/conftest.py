@@ -1,0 +1,103 @@
+"""Shared fixtures: fake CIFAR-10 archives written the official way, and tiny params."""
+
+import io
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import yaml
+
+from transfer_study.params import deep_merge
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def fake_images(labels, rng):
+    """uint8 N x 3 x 32 x 32 images whose colour depends on the class, so models can learn."""
+    palette = rng.integers(30, 226, size=(len(CLASSES), 3))
+    noise = rng.normal(0, 25, size=(len(labels), 3, 32, 32))
+    return np.clip(palette[labels][:, :, None, None] + noise, 0, 255).astype(np.uint8)
+
+
+def _pickled(obj):
+    return pickle.dumps(obj, protocol=2)  # what the official Python 2 files use
+
+
+def _add(tar, name, payload):
+    info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def write_cifar_archive(path, train_per_class=20, test_per_class=5, seed=0, skip=(), raw=None):
+    """A CIFAR-10 python archive in the official layout: 5 train batches, a test batch, meta.
+
+    `skip` leaves members out; `raw` maps member names to bytes written in their place.
+    """
+    rng = np.random.default_rng(seed)
+    train_labels = rng.permutation(np.repeat(np.arange(10), train_per_class))
+    test_labels = rng.permutation(np.repeat(np.arange(10), test_per_class))
+    train_images = fake_images(train_labels, np.random.default_rng(seed + 1))
+    test_images = fake_images(test_labels, np.random.default_rng(seed + 1))
+    batches = {
+        f"data_batch_{i + 1}": part
+        for i, part in enumerate(np.array_split(np.arange(len(train_labels)), 5))
+    }
+    with tarfile.open(path, "w:gz") as tar:
+        for name, idx in batches.items():
+            if name not in skip:
+                _add(
+                    tar,
+                    name,
+                    _pickled(
+                        {
+                            b"batch_label": name.encode(),
+                            b"labels": train_labels[idx].tolist(),
+                            b"data": train_images[idx].reshape(len(idx), -1),
+                        }
+                    ),
+                )
+        if "test_batch" not in skip:
+            _add(
+                tar,
+                "test_batch",
+                _pickled(
+                    {
+                        b"labels": test_labels.tolist(),
+                        b"data": test_images.reshape(len(test_labels), -1),
+                    }
+                ),
+            )
+        _add(tar, "batches.meta", _pickled({b"label_names": [c.encode() for c in CLASSES]}))
+        for name, payload in (raw or {}).items():
+            _add(tar, name, payload)
+    return path
+
+
+def tiny_overrides(archive):
+    """Params for a run of seconds: few images, small inputs, random weights, 2 epochs."""
+    return {
+        "data": {"url": str(archive), "md5": None, "train_size": 150, "test_size": 50},
+        "train": {"batch_size": 32, "max_epochs": 2, "patience": 1},
+        "vgg16": {"weights": "none", "image_size": 32},
+        "inception": {"weights": "none", "image_size": 75},
+    }
+
+
+def write_params(path, overrides):
+    """params.yaml of the repository with nested `overrides` applied."""
+    with open(os.path.join(REPO, "params.yaml")) as file:
+        raw = yaml.safe_load(file)
+    with open(path, "w") as file:
+        yaml.safe_dump(deep_merge(raw, overrides), file, sort_keys=False)
+
+
+@pytest.fixture
+def archive(tmp_path):
+    return write_cifar_archive(tmp_path / "cifar.tar.gz")

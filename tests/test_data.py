@@ -1,0 +1,116 @@
+"""The CIFAR reader on generated and real archives, its safety, and the stratified split."""
+
+import json
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CLASSES, write_cifar_archive
+
+from transfer_study.data import (
+    load_split,
+    make_splits,
+    read_cifar10,
+    save_split,
+    split_counts,
+    stratified_sample,
+)
+from transfer_study.errors import UserError
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def test_reader_returns_images_labels_and_classes(archive):
+    train, test = read_cifar10(archive)
+    assert train.images.shape == (200, 3, 32, 32) and train.images.dtype == np.uint8
+    assert test.images.shape == (50, 3, 32, 32)
+    assert train.classes == CLASSES
+    assert np.bincount(train.labels).tolist() == [20] * 10
+
+
+def test_reader_keeps_pixel_order(tmp_path):
+    # The official rows are 1024 red, then 1024 green, then 1024 blue values.
+    path = write_cifar_archive(tmp_path / "a.tar.gz", train_per_class=1, test_per_class=1)
+    with tarfile.open(path) as tar:
+        raw = pickle.loads(tar.extractfile("cifar-10-batches-py/test_batch").read())
+    _, test = read_cifar10(path)
+    np.testing.assert_array_equal(test.images[0, 1].ravel(), raw[b"data"][0, 1024:2048])
+
+
+@pytest.mark.skipif(not (SHARED / "cifar-10-sample-python.tar.gz").exists(), reason="no sample")
+def test_reader_loads_the_real_sample_archive():
+    train, test = read_cifar10(SHARED / "cifar-10-sample-python.tar.gz")
+    expected = json.loads((SHARED / "SOURCES.json").read_text())["cifar-10-sample-python.tar.gz"]
+    assert (len(train.labels), len(test.labels)) == (expected["train"], expected["test"])
+    assert train.classes[0] == "airplane" and set(np.unique(test.labels)) == set(range(10))
+
+
+def test_reader_refuses_a_pickle_that_would_run_code(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    payload = pickle.dumps({b"data": Exploit()}, protocol=2)
+    path = write_cifar_archive(
+        tmp_path / "evil.tar.gz", skip=("test_batch",), raw={"test_batch": payload}
+    )
+    with pytest.raises(UserError, match=r"refusing to load (__builtin__|builtins)\.print"):
+        read_cifar10(path)
+
+
+def test_reader_names_missing_members(tmp_path):
+    path = write_cifar_archive(tmp_path / "a.tar.gz", skip=("data_batch_3",))
+    with pytest.raises(UserError, match="lacks CIFAR-10 members: data_batch_3"):
+        read_cifar10(path)
+
+
+def test_reader_refuses_a_non_archive(tmp_path):
+    path = tmp_path / "a.tar.gz"
+    path.write_bytes(b"<html>not found</html>")
+    with pytest.raises(UserError, match="not a readable tar archive"):
+        read_cifar10(path)
+
+
+def test_stratified_sample_keeps_class_shares():
+    labels = np.repeat(np.arange(4), [40, 30, 20, 10])
+    chosen = stratified_sample(labels, 10, np.random.default_rng(0))
+    assert np.bincount(labels[chosen]).tolist() == [4, 3, 2, 1]
+    assert len(np.unique(chosen)) == 10
+
+
+def test_split_is_seeded_stratified_and_disjoint(archive):
+    train, test = read_cifar10(archive)
+    splits = make_splits(train, test, val_fraction=0.2, seed=7)
+    again = make_splits(train, test, val_fraction=0.2, seed=7)
+    other = make_splits(train, test, val_fraction=0.2, seed=8)
+    counts = split_counts(splits)
+    assert counts["train"]["total"] == 160 and counts["val"]["total"] == 40
+    assert all(counts["val"][c] == 4 for c in CLASSES)
+    np.testing.assert_array_equal(splits["val"].images, again["val"].images)
+    assert not np.array_equal(splits["val"].images, other["val"].images)
+    # Disjoint: no train image appears in val (the fake images are all distinct).
+    train_rows = {img.tobytes() for img in splits["train"].images}
+    assert not any(img.tobytes() in train_rows for img in splits["val"].images)
+
+
+def test_split_caps_are_stratified(archive):
+    train, test = read_cifar10(archive)
+    splits = make_splits(train, test, 0.2, seed=0, train_size=100, test_size=20)
+    counts = split_counts(splits)
+    assert (counts["train"]["total"], counts["val"]["total"], counts["test"]["total"]) == (
+        80,
+        20,
+        20,
+    )
+    assert all(counts["test"][c] == 2 for c in CLASSES)
+
+
+def test_split_file_round_trip(archive, tmp_path):
+    train, _ = read_cifar10(archive)
+    save_split(train, tmp_path / "train.npz")
+    loaded = load_split(tmp_path / "train.npz")
+    np.testing.assert_array_equal(loaded.images, train.images)
+    np.testing.assert_array_equal(loaded.labels, train.labels)
+    assert loaded.classes == CLASSES

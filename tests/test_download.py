@@ -1,0 +1,72 @@
+"""Downloads: local paths, file:// and http URLs, md5 checks, and one line when offline."""
+
+import functools
+import hashlib
+import http.server
+import socket
+import threading
+
+import pytest
+
+from transfer_study.download import fetch
+from transfer_study.errors import UserError
+
+PAYLOAD = b"cifar" * 100_000
+
+
+@pytest.fixture
+def source(tmp_path):
+    path = tmp_path / "mirror" / "cifar.tar.gz"
+    path.parent.mkdir()
+    path.write_bytes(PAYLOAD)
+    return path
+
+
+@pytest.fixture
+def http_url(source):
+    """A server on the loopback interface only, serving the mirror folder."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=source.parent)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/{source.name}"
+    server.shutdown()
+
+
+MD5 = hashlib.md5(PAYLOAD).hexdigest()
+
+
+@pytest.mark.parametrize("kind", ["path", "file_url", "http"])
+def test_fetch_copies_and_verifies(kind, source, tmp_path, request):
+    url = {"path": str(source), "file_url": source.as_uri()}.get(kind) or request.getfixturevalue(
+        "http_url"
+    )
+    dest = fetch(url, tmp_path / "data" / "archive.tar.gz", md5=MD5)
+    assert dest.read_bytes() == PAYLOAD
+    assert [p.name for p in dest.parent.iterdir()] == ["archive.tar.gz"]
+
+
+def test_wrong_md5_leaves_nothing(source, tmp_path):
+    with pytest.raises(UserError, match=f"md5 of .* is {MD5}, expected 0123"):
+        fetch(str(source), tmp_path / "data" / "archive.tar.gz", md5="0123")
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_null_md5_skips_the_check(source, tmp_path):
+    assert fetch(str(source), tmp_path / "a.tar.gz", md5=None).read_bytes() == PAYLOAD
+
+
+def test_offline_says_how_to_provide_the_archive(tmp_path):
+    with socket.socket() as sock:  # a loopback port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(UserError) as error:
+        fetch(f"http://127.0.0.1:{port}/cifar.tar.gz", tmp_path / "a.tar.gz", timeout=5)
+    assert "cannot download" in str(error.value)
+    assert "dvc exp run -S data.url=/path/to/archive.tar.gz" in str(error.value)
+    assert not (tmp_path / "a.tar.gz").exists()
+
+
+def test_missing_local_file(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        fetch(str(tmp_path / "nope.tar.gz"), tmp_path / "a.tar.gz")

@@ -1,0 +1,87 @@
+"""Every registered model builds, has the right shapes, and freezing means frozen."""
+
+import pytest
+import torch
+from conftest import REPO
+from torch import nn
+
+from transfer_study.errors import UserError
+from transfer_study.features import prepare_extractor
+from transfer_study.models import BACKBONES, backbone_spec, count_params, feature_extractor
+from transfer_study.nets import ACTIVATIONS, mlp
+from transfer_study.params import load_params
+from transfer_study.training import build_net
+
+
+def images(n, size=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_feature_extractor_at_its_minimum_size(name):
+    spec = backbone_spec(name)
+    extractor = feature_extractor(name, "none", spec.min_size)
+    extractor = prepare_extractor(extractor, torch.device("cpu"))
+    features = extractor(images(2))
+    assert features.shape == (2, spec.feature_dim)
+    assert count_params(extractor, trainable_only=True) == 0
+    assert not extractor.training
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_input_spec_comes_from_the_weights(name):
+    spec = backbone_spec(name)
+    assert spec.input.mean == (0.485, 0.456, 0.406)
+    assert spec.input.default_size == {"vgg16": 224, "inception": 299}[name]
+
+
+def test_unknown_backbone_lists_the_valid_ones():
+    with pytest.raises(UserError, match="unknown backbone 'resnet' \\(valid: vgg16, inception\\)"):
+        backbone_spec("resnet")
+
+
+def test_inception_trains_without_its_auxiliary_head():
+    extractor = feature_extractor("inception", "none", 75).train()
+    out = extractor(images(2))  # train mode: a plain tensor, not InceptionOutputs
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 2048)
+    out.sum().backward()
+
+
+def section(name, **overrides):
+    return load_params(f"{REPO}/params.yaml", {name: overrides}).model(name)
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_features_then_head_equals_the_full_frozen_model(name):
+    torch.manual_seed(0)
+    spec = backbone_spec(name)
+    full = build_net(
+        name, section(name, weights="none", freeze=False, image_size=spec.min_size), num_classes=10
+    ).eval()
+    extractor, head = full
+    batch = images(3)
+    with torch.no_grad():
+        torch.testing.assert_close(head(extractor(batch)), full(batch))
+    # Frozen, the trainable network is the head alone, fed with cached features.
+    frozen = build_net(name, section(name, weights="none"), 10, feature_dim=spec.feature_dim)
+    assert frozen[0].in_features == spec.feature_dim
+
+
+def test_head_shapes():
+    head = mlp(25088, (50, 20), 10, "relu", 0.0)
+    widths = [(m.in_features, m.out_features) for m in head if isinstance(m, nn.Linear)]
+    assert widths == [(25088, 50), (50, 20), (20, 10)]
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+def test_activation_reaches_the_network(activation):
+    net = build_net("mlp", section("mlp", activation=activation, hidden=[8]), num_classes=10)
+    assert any(isinstance(m, ACTIVATIONS[activation]) for m in net.modules())
+    assert net(images(4)).shape == (4, 10)
+
+
+def test_mlp_resizes_its_input():
+    net = build_net("mlp", section("mlp", image_size=16, hidden=[8]), num_classes=10)
+    assert net[2][0].in_features == 3 * 16 * 16
+    assert net(images(2)).shape == (2, 10)

@@ -1,0 +1,81 @@
+"""params.yaml parsing: YAML 1.1 numbers, overrides, and one clear line for each bad value."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from transfer_study.params import ParamsError, load_params
+
+PARAMS = f"{REPO}/params.yaml"
+
+
+def test_repository_params_parse():
+    params = load_params(PARAMS)
+    assert params.models == ("mlp", "vgg16", "inception")
+    assert params.model("vgg16").image_size == 224 and params.model("inception").image_size == 299
+
+
+def test_exponent_without_dot_is_a_float(tmp_path):
+    # PyYAML (YAML 1.1) reads `1e-4` as the string '1e-4'; it must still be 0.0001.
+    text = open(PARAMS).read().replace("  lr: 1e-3\n", "  lr: 1e-4\n")
+    assert "lr: 1e-4" in text
+    (tmp_path / "params.yaml").write_text(text)
+    params = load_params(tmp_path / "params.yaml")
+    assert params.train.lr == 0.0001 and isinstance(params.train.lr, float)
+    assert params.model("mlp").train.lr == 0.0001
+
+
+def test_model_train_section_overrides_only_that_model():
+    params = load_params(PARAMS, {"vgg16": {"train": {"lr": "3e-5", "optimizer": "sgd"}}})
+    assert params.model("vgg16").train.lr == 3e-5
+    assert params.model("vgg16").train.optimizer == "sgd"
+    assert params.model("mlp").train.lr == params.train.lr == 0.001
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"train": {"lrr": 0.1}}, "unknown key 'train.lrr'"),
+        ({"vgg16": {"head": {"widths": [3]}}}, "unknown key 'vgg16.head.widths'"),
+        ({"resnet": {}}, "unknown key 'resnet'"),
+        ({"train": {"lr": 0}}, "train.lr = 0.0: accepts a number > 0"),
+        ({"train": {"lr": "fast"}}, "train.lr: expected a number, got 'fast'"),
+        ({"train": {"batch_size": 12.5}}, "train.batch_size: expected an integer"),
+        ({"train": {"optimizer": "lion"}}, "train.optimizer = 'lion': accepts one of adam"),
+        ({"mlp": {"activation": "swish"}}, "mlp.activation = 'swish': accepts one of relu"),
+        ({"mlp": {"train": {"lr": -1}}}, "mlp.train.lr = -1.0"),
+        ({"data": {"val_fraction": 1.0}}, "data.val_fraction = 1.0: accepts a number in (0, 1)"),
+        ({"inception": {"image_size": 74}}, "inception.image_size = 74: accepts an integer >= 75"),
+        ({"models": ["mlp", "resnet"]}, "models[] = 'resnet': accepts one of mlp, vgg16"),
+        ({"vgg16": {"weights": "/no/such.pth"}}, "vgg16.weights = '/no/such.pth'"),
+        ({"train": {"hflip": "yes"}}, "train.hflip: expected true or false"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ParamsError) as error:
+        load_params(PARAMS, overrides)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_key_is_named(tmp_path):
+    text = open(PARAMS).read().replace("  gamma: 0.95\n", "")
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamsError, match="missing key 'train.gamma'"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_stage_prints_one_line_and_exits_2(tmp_path):
+    text = open(PARAMS).read().replace("  lr: 1e-3\n", "  lrr: 1e-3\n")
+    (tmp_path / "params.yaml").write_text(text)
+    result = subprocess.run(
+        [sys.executable, f"{REPO}/stages/download.py"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown key 'train.lrr' (valid: optimizer, lr, momentum, weight_decay, l1, "
+        "scheduler, gamma, batch_size, max_epochs, patience, min_delta, hflip, accelerator, "
+        "devices, precision)"
+    ]

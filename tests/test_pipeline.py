@@ -1,0 +1,136 @@
+"""End to end: `dvc repro` on a copy of the repository, then the three rerun rules.
+
+The tests run in file order on one project: each rule is checked against the state that the
+previous test left, as a user's session would proceed.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+from conftest import REPO, tiny_overrides, write_cifar_archive, write_params
+
+ALL_STAGES = [
+    "download",
+    "split",
+    "train_mlp",
+    "featurize_vgg16",
+    "train_vgg16",
+    "featurize_inception",
+    "train_inception",
+    "evaluate",
+    "report",
+]
+COPIED = [
+    "dvc.yaml",
+    "params.yaml",
+    "stages",
+    "src",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".gitignore",
+    "pyproject.toml",
+]
+
+
+def run(root, *args):
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(root / "src"),
+        "DVC_NO_ANALYTICS": "1",
+        "DO_NOT_TRACK": "1",
+    }
+    result = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def stages_run(output):
+    return sorted(re.findall(r"Running stage '(\w+)'", output))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    for name in COPIED:
+        source, target = os.path.join(REPO, name), root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if os.path.isdir(source):
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg*"))
+        else:
+            shutil.copy(source, target)
+    archive = write_cifar_archive(tmp_path_factory.mktemp("mirror") / "cifar.tar.gz")
+    write_params(root / "params.yaml", tiny_overrides(archive))
+    run(root, "git", "init", "-q")
+    # dvc exp commits experiments: it needs an identity even where git has no global one.
+    run(root, "git", "config", "user.name", "test")
+    run(root, "git", "config", "user.email", "test@example.com")
+    run(root, "git", "add", "-A")
+    run(root, "git", "commit", "-qm", "tiny study")
+    return root
+
+
+def test_repro_runs_every_stage_and_writes_every_output(project):
+    assert stages_run(run(project, "dvc", "repro")) == sorted(ALL_STAGES)
+    for name in ("mlp", "vgg16", "inception"):
+        metrics = json.loads((project / f"metrics/train_{name}.json").read_text())
+        assert {
+            "best_val_loss",
+            "best_val_accuracy",
+            "epochs",
+            "train_seconds",
+            "trainable_params",
+            "total_params",
+        } <= metrics.keys()
+        assert (project / f"plots/history/{name}.csv").exists()
+        assert (project / f"reports/confusion_{name}.png").exists()
+        assert (project / f"reports/misclassified_{name}.png").exists()
+    evaluation = json.loads((project / "metrics/evaluate.json").read_text())
+    assert set(evaluation) == {"mlp", "vgg16", "inception"}
+    assert all({"test_accuracy", "test_loss"} <= m.keys() for m in evaluation.values())
+    assert "| inception |" in (project / "reports/report.md").read_text()
+    run(project, "git", "add", "-A")
+    run(project, "git", "commit", "-qm", "results")
+
+
+def test_second_repro_reruns_nothing(project):
+    assert stages_run(run(project, "dvc", "repro")) == []
+
+
+def test_new_lr_retrains_every_model_and_featurizes_nothing(project):
+    output = run(project, "dvc", "exp", "run", "-S", "train.lr=1e-4")
+    assert stages_run(output) == sorted(
+        ["train_mlp", "train_vgg16", "train_inception", "evaluate", "report"]
+    )
+    for name in ("mlp", "vgg16", "inception"):
+        saved = torch.load(project / f"models/{name}.pt", weights_only=True)
+        assert saved["config"]["section"]["train"]["lr"] == 0.0001
+        assert json.loads((project / f"metrics/train_{name}.json").read_text())["lr"] == 0.0001
+
+
+def test_metrics_diff_shows_the_change(project):
+    diff = json.loads(run(project, "dvc", "metrics", "diff", "--json"))
+    change = diff["metrics/train_mlp.json"]["lr"]
+    assert (change["old"], change["new"]) == (0.001, 0.0001)
+
+
+def test_mlp_architecture_reruns_only_the_mlp(project):
+    output = run(project, "dvc", "exp", "run", "-S", "mlp.hidden=[512,256]")
+    assert stages_run(output) == ["evaluate", "report", "train_mlp"]
+
+
+def test_vgg16_image_size_refeaturizes_only_vgg16(project):
+    output = run(project, "dvc", "exp", "run", "-S", "vgg16.image_size=48")
+    assert stages_run(output) == ["evaluate", "featurize_vgg16", "report", "train_vgg16"]
+
+
+def test_plots_show_renders_curves_and_confusions(project):
+    run(project, "dvc", "plots", "show", "--json")
+    html = run(project, "dvc", "plots", "show", "-o", "plots_html")
+    page = (project / "plots_html" / "index.html").read_text()
+    assert "index.html" in html
+    assert "Validation accuracy by epoch" in page and "mlp, test confusion" in page

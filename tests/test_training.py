@@ -1,0 +1,118 @@
+"""Training, featurizing and evaluating on tiny generated data, through the package API."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import REPO, tiny_overrides
+
+from transfer_study import layout
+from transfer_study.data import make_splits, read_cifar10, save_split
+from transfer_study.errors import UserError
+from transfer_study.evaluation import evaluate_models
+from transfer_study.features import featurize_model
+from transfer_study.optim import OPTIMIZERS
+from transfer_study.params import load_params
+from transfer_study.training import Classifier, build_net, load_trained, train_model
+
+TRAIN_KEYS = {
+    "best_val_loss",
+    "best_val_accuracy",
+    "epochs",
+    "train_seconds",
+    "trainable_params",
+    "total_params",
+}
+
+
+@pytest.fixture
+def workdir(archive, tmp_path, monkeypatch):
+    """A project folder with the split stage's outputs, as the later stages find them."""
+    monkeypatch.chdir(tmp_path)
+    train, test = read_cifar10(archive)
+    for name, split in make_splits(train, test, 0.2, seed=0).items():
+        save_split(split, layout.split_file(name))
+    return tmp_path
+
+
+def params(archive, **overrides):
+    from transfer_study.params import deep_merge
+
+    return load_params(f"{REPO}/params.yaml", deep_merge(tiny_overrides(archive), overrides))
+
+
+def test_mlp_learns_and_writes_its_outputs(workdir, archive):
+    metrics = train_model("mlp", params(archive, train={"max_epochs": 4, "patience": 4}))
+    assert TRAIN_KEYS <= metrics.keys()
+    assert metrics["epochs"] == 4 and metrics["best_val_accuracy"] > 0.5  # chance is 0.1
+    assert json.loads(layout.train_metrics("mlp").read_text()) == metrics
+    history = pd.read_csv(layout.history_file("mlp"))
+    assert list(history.columns) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
+    assert history["epoch"].tolist() == [1, 2, 3, 4]
+
+
+def test_early_stopping_on_val_loss(workdir, archive):
+    # No decrease can reach min_delta: epoch 1 sets the best, epoch 2 exhausts patience 1.
+    metrics = train_model(
+        "mlp", params(archive, train={"max_epochs": 30, "patience": 1, "min_delta": 100.0})
+    )
+    assert metrics["epochs"] == 2
+
+
+def test_divergence_is_reported(workdir, archive):
+    with pytest.raises(UserError, match="mlp: val_loss was never finite; lower mlp.train.lr"):
+        train_model("mlp", params(archive, train={"lr": 1e6, "optimizer": "sgd"}))
+
+
+def test_saved_model_reproduces_the_trained_network(workdir, archive):
+    train_model("mlp", params(archive))
+    net, section, config = load_trained(layout.model_file("mlp"))
+    assert config["section"]["train"]["lr"] == 0.001 and section.hidden == (256, 64)
+    saved = torch.load(layout.model_file("mlp"), weights_only=True)
+    assert set(saved["state_dict"]) == set(net.state_dict())
+
+
+def test_frozen_backbone_featurize_train_evaluate(workdir, archive):
+    p = params(archive)
+    featurize_model("vgg16", p.model("vgg16"))
+    features = np.load(layout.features_file("vgg16", "train"))
+    assert features.shape == (160, 25088) and features.dtype == np.float16
+    metrics = train_model("vgg16", p)
+    assert metrics["trainable_params"] < metrics["total_params"]
+    train_model("mlp", p)
+    results = evaluate_models(["mlp", "vgg16"])
+    assert set(results) == {"mlp", "vgg16"}
+    for name in results:
+        assert 0 <= results[name]["test_accuracy"] <= 1 and results[name]["test_loss"] > 0
+        confusion = pd.read_csv(layout.confusion_file(name))
+        assert len(confusion) == 50 and list(confusion.columns[:2]) == ["actual", "predicted"]
+    assert json.loads((layout.METRICS_DIR / "evaluate.json").read_text()) == results
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_optimizer_and_lr_reach_torch(optimizer, archive):
+    section = params(archive, mlp={"train": {"optimizer": optimizer, "lr": "1e-4"}}).model("mlp")
+    module = Classifier(build_net("mlp", section, 10), section.train, 10)
+    built = module.configure_optimizers()
+    assert type(built) is OPTIMIZERS[optimizer][0]
+    assert built.param_groups[0]["lr"] == 0.0001
+
+
+def test_scheduler_reaches_lightning(archive):
+    section = params(archive, train={"scheduler": "exponential", "gamma": 0.5}).model("mlp")
+    built = Classifier(build_net("mlp", section, 10), section.train, 10).configure_optimizers()
+    assert isinstance(built["lr_scheduler"], torch.optim.lr_scheduler.ExponentialLR)
+    assert built["lr_scheduler"].gamma == 0.5
+
+
+def test_batch_larger_than_train_split_is_refused(workdir, archive):
+    with pytest.raises(UserError, match="mlp.train.batch_size = 512 is larger than the train"):
+        train_model("mlp", params(archive, train={"batch_size": 512}))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_asked_without_gpu(workdir, archive):
+    with pytest.raises(UserError, match="no CUDA device is visible"):
+        train_model("mlp", params(archive, train={"accelerator": "gpu"}))
