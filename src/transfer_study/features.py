@@ -9,22 +9,12 @@ from tqdm import tqdm
 from . import layout
 from .atomic import atomic_path, write_json
 from .data import SPLITS, load_split
+from .hardware import autocast_dtype, default_device, enable_fast_cuda
 from .models import backbone_spec, count_params, feature_extractor
 
 # Images per backbone call: CPU batches only need to amortize Python overhead; GPU batches fill
 # the device at 224-299 px in bf16 without approaching its memory.
 BATCH_SIZE = {"cpu": 32, "cuda": 256}
-
-
-def default_device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast_dtype(device):
-    """bf16 where the device has fast bf16 matrix units (CUDA Ampere and newer), else fp32."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
 
 
 def prepare_extractor(extractor, device):
@@ -63,6 +53,7 @@ def featurize(extractor, images, out_path, feature_dim, device, desc="featurize"
 def featurize_model(name, section, splits=SPLITS):
     """Cache the frozen backbone's features of every split, with a meta file and timing metrics."""
     device = default_device()
+    enable_fast_cuda()
     spec = backbone_spec(name)
     extractor = feature_extractor(name, section.weights, section.image_size)
     extractor = prepare_extractor(extractor, device)

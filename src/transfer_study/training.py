@@ -22,6 +22,7 @@ from . import layout
 from .atomic import atomic_path, write_json
 from .data import load_split
 from .errors import UserError
+from .hardware import enable_fast_cuda
 from .models import MLP_INPUT, backbone_spec, count_params, feature_extractor
 from .nets import Preprocess, mlp
 from .optim import build_optimizer, build_scheduler
@@ -159,6 +160,7 @@ def train_model(name, params):
     section = params.model(name)
     train = section.train
     check_accelerator(train)
+    enable_fast_cuda()
     pl.seed_everything(params.seed, workers=True)
     train_x, train_y, classes = load_inputs(name, section, "train")
     val_x, val_y, _ = load_inputs(name, section, "val")
