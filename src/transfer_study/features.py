@@ -9,7 +9,7 @@ from tqdm import tqdm
 from . import layout
 from .atomic import atomic_path, write_json
 from .data import SPLITS, load_split
-from .hardware import autocast_dtype, default_device, enable_fast_cuda
+from .hardware import default_device, enable_fast_cuda, featurize_dtype
 from .models import backbone_spec, count_params, feature_extractor
 
 # Images per backbone call: CPU batches only need to amortize Python overhead; GPU batches fill
@@ -30,7 +30,7 @@ def featurize(extractor, images, out_path, feature_dim, device, desc="featurize"
     Features go straight into a memory-mapped file, so host memory holds one batch of features
     whatever the split's size. Returns images per second.
     """
-    dtype = autocast_dtype(device)
+    dtype = featurize_dtype(device)
     batch_size = BATCH_SIZE[device.type]
     start = time.perf_counter()
     with atomic_path(out_path) as tmp:
@@ -78,7 +78,7 @@ def featurize_model(name, section, splits=SPLITS):
     metrics = {
         "images_per_second": {s: round(v, 1) for s, v in timings.items()},
         "device": str(device),
-        "precision": "bf16" if autocast_dtype(device) else "fp32",
+        "precision": "bf16" if featurize_dtype(device) else "fp32",
     }
     write_json(layout.METRICS_DIR / f"featurize_{name}.json", metrics)
     return metrics
