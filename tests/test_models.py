@@ -8,7 +8,7 @@ from torch import nn
 from transfer_study.errors import UserError
 from transfer_study.features import prepare_extractor
 from transfer_study.models import BACKBONES, backbone_spec, count_params, feature_extractor
-from transfer_study.nets import ACTIVATIONS, mlp
+from transfer_study.nets import ACTIVATIONS, Preprocess, mlp
 from transfer_study.params import load_params
 from transfer_study.training import build_net
 
@@ -85,3 +85,36 @@ def test_mlp_resizes_its_input():
     net = build_net("mlp", section("mlp", image_size=16, hidden=[8]), num_classes=10)
     assert net[2][0].in_features == 3 * 16 * 16
     assert net(images(2)).shape == (2, 10)
+
+
+def test_weights_from_a_state_dict_file(tmp_path):
+    spec = BACKBONES["inception"]
+    torch.manual_seed(1)
+    model = spec.build(weights=None, **spec.build_kwargs)
+    torch.save(model.state_dict(), tmp_path / "inception.pth")  # as torchvision ships weights
+    loaded = feature_extractor("inception", str(tmp_path / "inception.pth"), 75).eval()
+    expected = nn.Sequential(Preprocess(75, spec.input.mean, spec.input.std), spec.to_body(model))
+    batch = images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch), expected.eval()(batch))
+
+
+def test_weights_file_of_another_model_is_refused(tmp_path):
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match="does not fit this backbone"):
+        feature_extractor("inception", str(tmp_path / "other.pth"), 75)
+
+
+def test_imagenet_weights_offline_say_where_to_put_them(tmp_path, monkeypatch):
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(UserError) as error:
+        feature_extractor("inception", "imagenet", 299)
+    message = str(error.value)
+    assert "inception_v3_google-0cc3c7bd.pth" in message
+    assert str(tmp_path / "hub" / "checkpoints") in message

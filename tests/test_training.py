@@ -116,3 +116,17 @@ def test_batch_larger_than_train_split_is_refused(workdir, archive):
 def test_gpu_asked_without_gpu(workdir, archive):
     with pytest.raises(UserError, match="no CUDA device is visible"):
         train_model("mlp", params(archive, train={"accelerator": "gpu"}))
+
+
+@pytest.mark.parametrize(("name", "size"), [("vgg16", 32), ("inception", 75)])
+def test_fine_tuning_trains_the_whole_network(workdir, archive, name, size):
+    p = params(
+        archive,
+        train={"max_epochs": 1, "batch_size": 64},
+        **{name: {"freeze": False, "image_size": size}},
+    )
+    metrics = train_model(name, p)
+    assert metrics["trainable_params"] == metrics["total_params"] > 1_000_000
+    results = evaluate_models([name])  # from images: no features were cached
+    assert not layout.features_file(name, "test").exists()
+    assert 0 <= results[name]["test_accuracy"] <= 1
