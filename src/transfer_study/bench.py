@@ -1,0 +1,263 @@
+"""Side-by-side benchmark: the notebooks' per-image PIL pipeline against cached features.
+
+python -m transfer_study.bench [--quick] [--archive cifar.tar.gz] [--backbones vgg16 inception]
+
+Both paths run in one process on the same images, so the printed ratios hold on a shared,
+noisy machine where absolute times do not. The last line is JSON with the ratios.
+"""
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from .data import read_cifar10
+from .features import BATCH_SIZE, featurize, prepare_extractor
+from .hardware import default_device, enable_fast_cuda, featurize_dtype
+from .models import MLP_INPUT, backbone_spec, feature_extractor
+from .nets import Preprocess, mlp
+from .training import make_loader
+
+EPOCHS = 6  # the studies' VGG16 run: six epochs
+HEAD = ((128, 64), "leaky_relu", 0.3)  # params.yaml's default head
+MLP_HIDDEN = (256, 64)
+
+
+class PeakMemory:
+    """Peak resident memory (this process and its loader workers) and CUDA allocation."""
+
+    def __enter__(self):
+        self.peak, self.running = 0, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def _sample(self):
+        process = psutil.Process()
+        while self.running:
+            try:
+                rss = process.memory_info().rss + sum(
+                    child.memory_info().rss for child in process.children(recursive=True)
+                )
+            except psutil.Error:  # a worker ended between listing and reading
+                continue
+            self.peak = max(self.peak, rss)
+            time.sleep(0.01)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.cuda_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+
+    def describe(self):
+        cuda = f", CUDA max allocated {self.cuda_peak / 2**30:.2f} GiB" if self.cuda_peak else ""
+        return f"peak RSS {self.peak / 2**30:.2f} GiB{cuda}"
+
+
+class PILImages(Dataset):
+    """The notebooks' way: one PIL image at a time through Resize, ToTensor, Normalize."""
+
+    def __init__(self, images, labels, size, mean, std):
+        self.images, self.labels = images, labels
+        self.transform = transforms.Compose(
+            [
+                transforms.Resize((size, size)),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ]
+        )
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.images[i].transpose(1, 2, 0))), self.labels[i]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _train_epoch(batches, model, trainable, device, prepare=lambda x: x):
+    """One epoch of forward, loss, backward and step on `trainable`; returns seconds."""
+    optimizer = torch.optim.Adam(trainable, lr=1e-3)
+    _sync(device)
+    start = time.perf_counter()
+    for inputs, labels in batches:
+        inputs = prepare(inputs.to(device, non_blocking=True))
+        loss = F.cross_entropy(model(inputs).float(), labels.to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _pil_loader(images, labels, size, mean, std, batch_size, device):
+    workers = min(4, psutil.cpu_count() or 1)
+    return DataLoader(
+        PILImages(images, labels, size, mean, std),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+def bench_backbone(name, images, labels, size, device, batch_size=32, head_batch_size=128):
+    """Reference epoch (PIL + full frozen model) vs featurize once + head epochs.
+
+    Batches of 32 for the reference, as in the notebooks (its cost is the backbone's, whatever
+    the batch); 128 for the head, params.yaml's default.
+    """
+    spec = backbone_spec(name)
+    extractor = prepare_extractor(feature_extractor(name, "none", size), device)
+    # The reference is the plain frozen body (fp32, default memory format); its preprocessing
+    # happens per image, in PIL, in the loader.
+    body = feature_extractor(name, "none", size)[1].eval().requires_grad_(False).to(device)
+    head = mlp(spec.feature_dim, *HEAD[:1], 10, *HEAD[1:]).to(device)
+    results = {}
+
+    reference = torch.nn.Sequential(body, head)
+    loader = _pil_loader(images, labels, size, spec.input.mean, spec.input.std, batch_size, device)
+    with PeakMemory() as memory:
+        seconds = _train_epoch(loader, reference, list(head.parameters()), device)
+    results["reference_epoch_s"] = seconds
+    results["reference_images_per_s"] = len(labels) / seconds
+    print(
+        f"  reference epoch (PIL resize per image, frozen {name} + head, fp32): "
+        f"{seconds:.2f} s, {len(labels) / seconds:.1f} images/s, {memory.describe()}"
+    )
+
+    with tempfile.TemporaryDirectory() as tmp, PeakMemory() as memory:
+        out = Path(tmp) / "features.npy"
+        featurize(
+            extractor,
+            images[: BATCH_SIZE[device.type]],
+            out,
+            spec.feature_dim,
+            device,
+            desc="warm-up",
+        )  # cuDNN autotuning and lazy init stay out of the timing
+        _sync(device)
+        start = time.perf_counter()
+        featurize(extractor, images, out, spec.feature_dim, device, desc=f"featurize {name}")
+        _sync(device)
+        seconds = time.perf_counter() - start
+        features = np.load(out)
+    precision = "bf16" if featurize_dtype(device) else "fp32"
+    results["featurize_s"] = seconds
+    results["featurize_images_per_s"] = len(labels) / seconds
+    print(
+        f"  ours: featurize once (batched resize on {device.type}, channels_last, {precision}): "
+        f"{seconds:.2f} s, {len(labels) / seconds:.1f} images/s, {memory.describe()}"
+    )
+
+    batches = make_loader(
+        features, labels, batch_size, shuffle=True, pin_memory=device.type == "cuda"
+    )
+    _train_epoch(batches, head, list(head.parameters()), device, lambda x: x.float())  # warm-up
+    seconds = _train_epoch(batches, head, list(head.parameters()), device, lambda x: x.float())
+    results["head_epoch_s"] = seconds
+    print(f"  ours: head epoch on cached features: {seconds * 1000:.1f} ms")
+    return results
+
+
+def bench_mlp(images, labels, device, batch_size=128):
+    """Per-image DataLoader (PIL, ToTensor, Normalize) vs uint8 tensors indexed per batch."""
+    size = MLP_INPUT.default_size
+    net = torch.nn.Sequential(
+        torch.nn.Flatten(), mlp(3 * size * size, MLP_HIDDEN, 10, "leaky_relu", 0.2)
+    ).to(device)
+    loader = _pil_loader(images, labels, size, MLP_INPUT.mean, MLP_INPUT.std, batch_size, device)
+    reference = _train_epoch(loader, net, list(net.parameters()), device)
+    preprocess = Preprocess(size, MLP_INPUT.mean, MLP_INPUT.std).to(device)
+    batches = make_loader(
+        images, labels, batch_size, shuffle=True, pin_memory=device.type == "cuda"
+    )
+    _train_epoch(batches, net, list(net.parameters()), device, preprocess)  # warm-up
+    ours = _train_epoch(batches, net, list(net.parameters()), device, preprocess)
+    print(
+        f"  MLP epoch: reference (per-image DataLoader) {reference:.3f} s, "
+        f"ours (in-memory uint8 batches) {ours:.3f} s"
+    )
+    return {"reference_epoch_s": reference, "epoch_s": ours}
+
+
+def load_images(archive, count, seed=0):
+    """`count` train images of the archive, or random ones where no archive is given."""
+    if archive:
+        train, _ = read_cifar10(archive)
+        return train.images[:count], train.labels[:count]
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 256, (count, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, count))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archive", help="CIFAR-10 python archive (default: random images)")
+    parser.add_argument("--quick", action="store_true", help="CPU-sized: 256 images, vgg16 only")
+    parser.add_argument("--images", type=int, help="images per run (default 256 quick, 4096)")
+    parser.add_argument("--backbones", nargs="+", help="default: vgg16 (quick), vgg16 inception")
+    parser.add_argument(
+        "--image-size", type=int, help="every backbone's input size (at least its minimum)"
+    )
+    args = parser.parse_args(argv)
+    count = args.images or (256 if args.quick else 4096)
+    names = args.backbones or (["vgg16"] if args.quick else ["vgg16", "inception"])
+    device = default_device()
+    enable_fast_cuda()
+    torch.manual_seed(0)
+    images, labels = load_images(args.archive, count)
+    labels = torch.as_tensor(labels)
+    device_name = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else (f"cpu ({torch.get_num_threads()} threads)")
+    )
+    print(f"device: {device_name}; {count} images; projected times are for {EPOCHS} epochs")
+
+    summary = {}
+    for name in names:
+        spec = backbone_spec(name)
+        size = max(args.image_size, spec.min_size) if args.image_size else spec.input.default_size
+        print(f"{name} at {size} px:")
+        r = bench_backbone(name, images, labels, size, device)
+        reference_total = EPOCHS * r["reference_epoch_s"]
+        ours_total = r["featurize_s"] + EPOCHS * r["head_epoch_s"]
+        print(
+            f"  projected {EPOCHS} epochs: reference {reference_total:.1f} s, "
+            f"ours {ours_total:.1f} s (featurize + {EPOCHS} head epochs)"
+        )
+        summary[f"{name}_{EPOCHS}epoch_speedup"] = round(reference_total / ours_total, 2)
+        summary[f"{name}_head_epoch_speedup"] = round(r["reference_epoch_s"] / r["head_epoch_s"], 1)
+        summary[f"{name}_featurize_speedup"] = round(
+            r["featurize_images_per_s"] / r["reference_images_per_s"], 2
+        )
+        summary[f"{name}_featurize_images_per_s"] = round(r["featurize_images_per_s"], 1)
+    m = bench_mlp(images, labels, device)
+    summary["mlp_epoch_speedup"] = round(m["reference_epoch_s"] / m["epoch_s"], 2)
+    if "vgg16" in names:
+        summary["head_epoch_speedup"] = summary["vgg16_head_epoch_speedup"]
+        summary["featurize_speedup"] = summary["vgg16_featurize_speedup"]
+    summary["device"] = device_name
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
