@@ -130,3 +130,22 @@ def test_fine_tuning_trains_the_whole_network(workdir, archive, name, size):
     results = evaluate_models([name])  # from images: no features were cached
     assert not layout.features_file(name, "test").exists()
     assert 0 <= results[name]["test_accuracy"] <= 1
+
+
+def test_featurize_halves_the_batch_on_out_of_memory(tmp_path, capsys):
+    from transfer_study.features import BATCH_SIZE, featurize
+
+    calls = []
+
+    def extractor(batch):  # fails like a full GPU whenever a batch holds more than 8 images
+        calls.append(len(batch))
+        if len(batch) > 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return batch.float().mean(dim=(2, 3))
+
+    images = np.random.default_rng(0).integers(0, 256, (40, 3, 4, 4), dtype=np.uint8)
+    featurize(extractor, images, tmp_path / "f.npy", 3, torch.device("cpu"), desc="t")
+    assert calls[:3] == [BATCH_SIZE["cpu"], BATCH_SIZE["cpu"] // 2, 8] and set(calls[3:]) == {8}
+    expected = images.astype(np.float32).mean(axis=(2, 3)).astype(np.float16)
+    np.testing.assert_array_equal(np.load(tmp_path / "f.npy"), expected)
+    assert "retrying with batches of 8" in capsys.readouterr().err

@@ -86,6 +86,11 @@ class PILImages(Dataset):
         return self.transform(Image.fromarray(self.images[i].transpose(1, 2, 0))), self.labels[i]
 
 
+def _on_gpu(device):
+    # As the training stages do for data that fits: tensors on the GPU, gathered there per batch.
+    return device if device.type == "cuda" else None
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -167,9 +172,7 @@ def bench_backbone(name, images, labels, size, device, batch_size=32, head_batch
         f"{seconds:.2f} s, {len(labels) / seconds:.1f} images/s, {memory.describe()}"
     )
 
-    batches = make_loader(
-        features, labels, batch_size, shuffle=True, pin_memory=device.type == "cuda"
-    )
+    batches = make_loader(features, labels, head_batch_size, shuffle=True, device=_on_gpu(device))
     _train_epoch(batches, head, list(head.parameters()), device, lambda x: x.float())  # warm-up
     seconds = _train_epoch(batches, head, list(head.parameters()), device, lambda x: x.float())
     results["head_epoch_s"] = seconds
@@ -186,9 +189,7 @@ def bench_mlp(images, labels, device, batch_size=128):
     loader = _pil_loader(images, labels, size, MLP_INPUT.mean, MLP_INPUT.std, batch_size, device)
     reference = _train_epoch(loader, net, list(net.parameters()), device)
     preprocess = Preprocess(size, MLP_INPUT.mean, MLP_INPUT.std).to(device)
-    batches = make_loader(
-        images, labels, batch_size, shuffle=True, pin_memory=device.type == "cuda"
-    )
+    batches = make_loader(images, labels, batch_size, shuffle=True, device=_on_gpu(device))
     _train_epoch(batches, net, list(net.parameters()), device, preprocess)  # warm-up
     ours = _train_epoch(batches, net, list(net.parameters()), device, preprocess)
     print(

@@ -1,5 +1,6 @@
 """Run a frozen backbone once over a split and stream its features to a memory-mapped file."""
 
+import sys
 import time
 
 import numpy as np
@@ -9,12 +10,14 @@ from tqdm import tqdm
 from . import layout
 from .atomic import atomic_path, write_json
 from .data import SPLITS, load_split
+from .errors import UserError
 from .hardware import default_device, enable_fast_cuda, featurize_dtype
 from .models import backbone_spec, count_params, feature_extractor
 
-# Images per backbone call: CPU batches only need to amortize Python overhead; GPU batches fill
-# the device at 224-299 px in bf16 without approaching its memory.
-BATCH_SIZE = {"cpu": 32, "cuda": 256}
+# Images per backbone call, to start with: CPU batches only need to amortize Python overhead;
+# GPU batches aim to fill the device (VGG16 at 224 px in bf16 takes ~6 GiB for 256 images) and
+# halve on out-of-memory.
+BATCH_SIZE = {"cpu": 32, "cuda": 512}
 
 
 def prepare_extractor(extractor, device):
@@ -28,23 +31,37 @@ def featurize(extractor, images, out_path, feature_dim, device, desc="featurize"
     """Write extractor(images) as float16 (N x feature_dim) .npy, batch by batch.
 
     Features go straight into a memory-mapped file, so host memory holds one batch of features
-    whatever the split's size. Returns images per second.
+    whatever the split's size. On CUDA out of memory the batch is retried at half the size.
+    Returns images per second.
     """
     dtype = featurize_dtype(device)
     batch_size = BATCH_SIZE[device.type]
+    source = torch.from_numpy(images)
+    if device.type == "cuda":  # pinned once, so each batch's copy can overlap the compute
+        source = source.pin_memory()
     start = time.perf_counter()
-    with atomic_path(out_path) as tmp:
+    with atomic_path(out_path) as tmp, tqdm(total=len(images), desc=desc, unit="img") as bar:
         out = np.lib.format.open_memmap(
             tmp, mode="w+", dtype=np.float16, shape=(len(images), feature_dim)
         )
-        for first in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch"):
-            batch = torch.from_numpy(images[first : first + batch_size])
-            if device.type == "cuda":
-                batch = batch.pin_memory().to(device, non_blocking=True)
+        first = 0
+        while first < len(images):
+            batch = source[first : first + batch_size].to(device, non_blocking=True)
             batch = batch.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                features = extractor(batch)
+            try:
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    features = extractor(batch)
+            except torch.cuda.OutOfMemoryError:
+                if batch_size == 1:
+                    raise UserError(f"{desc}: out of GPU memory even one image at a time") from None
+                batch_size //= 2
+                torch.cuda.empty_cache()
+                message = f"{desc}: CUDA out of memory, retrying with batches of {batch_size}"
+                bar.write(message, file=sys.stderr)
+                continue
             out[first : first + len(batch)] = features.to(torch.float16).cpu().numpy()
+            first += len(batch)
+            bar.update(len(batch))
         out.flush()
         del out
     return len(images) / (time.perf_counter() - start)
