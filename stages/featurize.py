@@ -9,7 +9,8 @@ from transfer_study.params import load_params
 
 @exit_on_user_error
 def main(name):
-    featurize_model(name, load_params().model(name))
+    params = load_params()
+    featurize_model(name, params.model(name), hflip=params.train.hflip)
 
 
 if __name__ == "__main__":

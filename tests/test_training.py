@@ -1,20 +1,23 @@
 """Training, featurizing and evaluating on tiny generated data, through the package API."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, tiny_overrides
+from conftest import REPO, tiny_overrides, write_params
 
 from transfer_study import layout
-from transfer_study.data import make_splits, read_cifar10, save_split
+from transfer_study.data import load_split, make_splits, read_cifar10, save_split
 from transfer_study.errors import UserError
 from transfer_study.evaluation import evaluate_models
 from transfer_study.features import featurize_model
 from transfer_study.optim import OPTIMIZERS
-from transfer_study.params import load_params
+from transfer_study.params import deep_merge, load_params
 from transfer_study.training import Classifier, build_net, load_trained, train_model
 
 TRAIN_KEYS = {
@@ -38,8 +41,6 @@ def workdir(archive, tmp_path, monkeypatch):
 
 
 def params(archive, **overrides):
-    from transfer_study.params import deep_merge
-
     return load_params(f"{REPO}/params.yaml", deep_merge(tiny_overrides(archive), overrides))
 
 
@@ -149,3 +150,92 @@ def test_featurize_halves_the_batch_on_out_of_memory(tmp_path, capsys):
     expected = images.astype(np.float32).mean(axis=(2, 3)).astype(np.float16)
     np.testing.assert_array_equal(np.load(tmp_path / "f.npy"), expected)
     assert "retrying with batches of 8" in capsys.readouterr().err
+
+
+def test_loader_shards_by_rank_and_reshuffles_by_epoch():
+    from transfer_study.training import make_loader
+
+    inputs, labels = torch.arange(20).float()[:, None], torch.arange(20)
+
+    def order(rank, world, epoch):
+        loader = make_loader(inputs, labels, 4, shuffle=True, rank=rank, world_size=world)
+        loader.sampler.set_epoch(epoch)
+        return torch.cat([y for _, y in loader]).tolist()
+
+    assert sorted(order(0, 1, 0)) == list(range(20))
+    assert order(0, 1, 0) != order(0, 1, 1)
+    shards = order(0, 2, 0), order(1, 2, 0)
+    assert sorted(shards[0] + shards[1]) == list(range(20))
+
+
+def test_ddp_with_two_cpu_processes(workdir, archive):
+    ddp = {"train": {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "max_epochs": 2}}
+    write_params(workdir / "params.yaml", deep_merge(tiny_overrides(archive), ddp))
+    env = {**os.environ, "PYTHONPATH": f"{REPO}/src"}
+    result = subprocess.run(
+        [sys.executable, f"{REPO}/stages/train.py", "mlp"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads(layout.train_metrics("mlp").read_text())
+    assert TRAIN_KEYS <= metrics.keys() and metrics["epochs"] == 2
+    assert "distributed_backend=gloo" in result.stderr + result.stdout
+
+
+def test_featurize_caches_mirrored_train_features(workdir, archive):
+    from transfer_study.features import FLIPPED_TRAIN, featurize, prepare_extractor
+    from transfer_study.models import feature_extractor
+
+    section = params(archive).model("vgg16")
+    featurize_model("vgg16", section, hflip=True)
+    plain = np.load(layout.features_file("vgg16", "train"))
+    flipped = np.load(layout.features_file("vgg16", FLIPPED_TRAIN))
+    assert flipped.shape == plain.shape and not np.array_equal(flipped, plain)
+    # Flipping on the device gives what featurizing mirrored images gives.
+    images = load_split(layout.split_file("train")).images
+    extractor = prepare_extractor(feature_extractor("vgg16", "none", 32), torch.device("cpu"))
+    featurize(extractor, images, workdir / "a.npy", 25088, torch.device("cpu"), flip=True)
+    featurize(
+        extractor,
+        np.ascontiguousarray(images[..., ::-1]),
+        workdir / "b.npy",
+        25088,
+        torch.device("cpu"),
+    )
+    np.testing.assert_array_equal(np.load(workdir / "a.npy"), np.load(workdir / "b.npy"))
+    assert train_model("vgg16", params(archive, train={"hflip": True}))["epochs"] == 2
+
+
+def test_hflip_on_features_picks_plain_or_mirrored_per_sample():
+    from transfer_study.training import make_loader
+
+    plain, mirrored = torch.zeros(64, 3), torch.ones(64, 3)
+    loader = make_loader(plain, torch.arange(64), 64, shuffle=False, flipped=mirrored)
+    ((inputs, _),) = list(loader)
+    rows = inputs[:, 0]
+    assert set(rows.tolist()) == {0.0, 1.0}  # both, chosen per sample
+    assert torch.equal(inputs, rows[:, None].expand(-1, 3))  # whole rows, not mixed features
+
+
+def test_hflip_on_pixels_flips_only_in_training(archive):
+    section = params(archive).model("mlp")
+    module = Classifier(build_net("mlp", section, 10), section.train, 10, hflip=True)
+    images = torch.arange(2 * 64 * 3 * 4, dtype=torch.float32).reshape(128, 3, 2, 2)
+    for training in (False, True):
+        module._trainer = type("Trainer", (), {"training": training})()
+        out, _ = module.on_after_batch_transfer((images, torch.zeros(128)), 0)
+        flipped = (out == images.flip(-1)).flatten(1).all(1)
+        unchanged = (out == images).flatten(1).all(1)
+        assert bool((flipped | unchanged).all())
+        assert flipped.any() == training and unchanged.any()
+
+
+def test_hflip_needs_the_mirrored_cache(workdir, archive):
+    p = params(archive, vgg16={"train": {"hflip": True}})
+    featurize_model("vgg16", p.model("vgg16"), hflip=False)
+    with pytest.raises(UserError, match="set the shared train.hflip: true"):
+        train_model("vgg16", p)

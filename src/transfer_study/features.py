@@ -14,6 +14,8 @@ from .errors import UserError
 from .hardware import default_device, enable_fast_cuda, featurize_dtype
 from .models import backbone_spec, count_params, feature_extractor
 
+FLIPPED_TRAIN = "train_flipped"  # features of the train images mirrored left-right
+
 # Images per backbone call, to start with: CPU batches only need to amortize Python overhead;
 # GPU batches aim to fill the device (VGG16 at 224 px in bf16 takes ~6 GiB for 256 images) and
 # halve on out-of-memory.
@@ -27,8 +29,9 @@ def prepare_extractor(extractor, device):
 
 
 @torch.inference_mode()
-def featurize(extractor, images, out_path, feature_dim, device, desc="featurize"):
-    """Write extractor(images) as float16 (N x feature_dim) .npy, batch by batch.
+def featurize(extractor, images, out_path, feature_dim, device, desc="featurize", flip=False):
+    """Write extractor(images) as float16 (N x feature_dim) .npy, batch by batch; with `flip`,
+    of the images mirrored left-right (flipped on the device).
 
     Features go straight into a memory-mapped file, so host memory holds one batch of features
     whatever the split's size. On CUDA out of memory the batch is retried at half the size.
@@ -47,6 +50,8 @@ def featurize(extractor, images, out_path, feature_dim, device, desc="featurize"
         first = 0
         while first < len(images):
             batch = source[first : first + batch_size].to(device, non_blocking=True)
+            if flip:
+                batch = batch.flip(-1)
             batch = batch.contiguous(memory_format=torch.channels_last)
             try:
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -67,23 +72,31 @@ def featurize(extractor, images, out_path, feature_dim, device, desc="featurize"
     return len(images) / (time.perf_counter() - start)
 
 
-def featurize_model(name, section, splits=SPLITS):
-    """Cache the frozen backbone's features of every split, with a meta file and timing metrics."""
+def featurize_model(name, section, hflip=False, splits=SPLITS):
+    """Cache the frozen backbone's features of every split, with a meta file and timing metrics.
+
+    With `hflip`, the features of the mirrored train images too (one more pass over train), so
+    that training can flip at random and still read cached features.
+    """
     device = default_device()
     enable_fast_cuda()
     spec = backbone_spec(name)
     extractor = feature_extractor(name, section.weights, section.image_size)
     extractor = prepare_extractor(extractor, device)
+    jobs = [(split, split, False) for split in splits]
+    if hflip:
+        jobs.append((FLIPPED_TRAIN, "train", True))
     timings = {}
-    for split in splits:
+    for out_name, split, flip in jobs:
         images = load_split(layout.split_file(split)).images
-        timings[split] = featurize(
+        timings[out_name] = featurize(
             extractor,
             images,
-            layout.features_file(name, split),
+            layout.features_file(name, out_name),
             spec.feature_dim,
             device,
-            desc=f"{name} {split}",
+            desc=f"{name} {out_name}",
+            flip=flip,
         )
     meta = {
         "feature_dim": spec.feature_dim,

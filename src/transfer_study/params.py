@@ -14,6 +14,7 @@ from .nets import ACTIVATIONS
 from .optim import OPTIMIZERS, SCHEDULERS
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+STRATEGIES = ("auto", "ddp", "ddp_spawn")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true")
 
 
@@ -45,7 +46,9 @@ class TrainParams:
     min_delta: float  # smallest val_loss decrease that counts as improvement
     hflip: bool  # random horizontal flips, train split only, for models that see pixels
     accelerator: str
-    devices: int
+    devices: int  # per node
+    num_nodes: int
+    strategy: str
     precision: str
 
 
@@ -206,6 +209,7 @@ def _validate_train(train, where):
     _one_of(f"{where}.scheduler", train.scheduler, SCHEDULERS)
     _one_of(f"{where}.accelerator", train.accelerator, ACCELERATORS)
     _one_of(f"{where}.precision", train.precision, PRECISIONS)
+    _one_of(f"{where}.strategy", train.strategy, STRATEGIES)
     _check(train.lr > 0, f"{where}.lr", train.lr, "a number > 0")
     _check(0 <= train.momentum < 1, f"{where}.momentum", train.momentum, "a number in [0, 1)")
     for name in ("weight_decay", "l1", "min_delta"):
@@ -217,6 +221,7 @@ def _validate_train(train, where):
         ("max_epochs", 1),
         ("patience", 0),
         ("devices", 1),
+        ("num_nodes", 1),
     ):
         value = getattr(train, name)
         _check(value >= low, f"{where}.{name}", value, f"an integer >= {low}")

@@ -15,13 +15,14 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
 from . import layout
 from .atomic import atomic_path, write_json
 from .data import load_split
 from .errors import UserError
+from .features import FLIPPED_TRAIN
 from .hardware import enable_fast_cuda
 from .models import MLP_INPUT, backbone_spec, count_params, feature_extractor
 from .nets import Preprocess, mlp
@@ -61,7 +62,7 @@ class Classifier(pl.LightningModule):
         loss = F.cross_entropy(logits, labels)
         accuracy = getattr(self, f"{split}_acc")
         accuracy(logits, labels)
-        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log(f"{split}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
@@ -87,29 +88,91 @@ class Classifier(pl.LightningModule):
 
 
 class _Batches(Dataset):
-    """In-memory tensors indexed a whole batch at a time (one gather, no per-sample Python)."""
+    """In-memory tensors indexed a whole batch at a time (one gather, no per-sample Python).
 
-    def __init__(self, inputs, labels):
-        self.inputs, self.labels = inputs, labels
+    With `flipped` (features of the mirrored images), each sample of a batch comes from either
+    at random: horizontal-flip augmentation on cached features.
+    """
+
+    def __init__(self, inputs, labels, flipped=None):
+        self.inputs, self.labels, self.flipped = inputs, labels, flipped
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, indices):
         indices = torch.as_tensor(indices)
-        return self.inputs[indices], self.labels[indices]
+        inputs = self.inputs[indices]
+        if self.flipped is not None:
+            use_flipped = torch.rand(len(indices)) < 0.5
+            inputs = torch.where(
+                use_flipped.to(inputs.device)[:, None], self.flipped[indices], inputs
+            )
+        return inputs, self.labels[indices]
 
 
-def make_loader(inputs, labels, batch_size, shuffle, seed=0, pin_memory=False, device=None):
+class _ShardBatches(BatchSampler):
+    """Batches of this process's shard of the indices, reshuffled each epoch (Lightning calls
+    set_epoch). With one process the shard is the whole dataset."""
+
+    def set_epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+
+
+def make_loader(
+    inputs,
+    labels,
+    batch_size,
+    shuffle,
+    seed=0,
+    pin_memory=False,
+    device=None,
+    rank=0,
+    world_size=1,
+    flipped=None,
+):
     """Batches of in-memory tensors; with `device`, the tensors move there once, up front."""
-    dataset = _Batches(torch.as_tensor(inputs).to(device), torch.as_tensor(labels).to(device))
-    order = (
-        RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-        if shuffle
-        else SequentialSampler(dataset)
+    if flipped is not None:
+        flipped = torch.as_tensor(flipped).to(device)
+    dataset = _Batches(
+        torch.as_tensor(inputs).to(device), torch.as_tensor(labels).to(device), flipped
     )
-    sampler = BatchSampler(order, batch_size, drop_last=False)
+    shard = DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
+    )
+    sampler = _ShardBatches(shard, batch_size, drop_last=False)
     return DataLoader(dataset, sampler=sampler, batch_size=None, pin_memory=pin_memory)
+
+
+class InMemoryData(pl.LightningDataModule):
+    """Train and val tensors; loaders are made once the processes exist, so that under DDP each
+    rank takes its own shard."""
+
+    def __init__(self, train, val, batch_size, seed, pin_memory, device):
+        """`train` is (inputs, labels) or (inputs, labels, flipped inputs)."""
+        super().__init__()
+        self.train, self.val = train, val
+        self.options = {"batch_size": batch_size, "pin_memory": pin_memory, "device": device}
+        self.seed = seed
+
+    def _loader(self, split, shuffle):
+        inputs, labels, *flipped = split
+        return make_loader(
+            inputs,
+            labels,
+            flipped=flipped[0] if flipped else None,
+            shuffle=shuffle,
+            seed=self.seed,
+            rank=self.trainer.global_rank,
+            world_size=self.trainer.world_size,
+            **self.options,
+        )
+
+    def train_dataloader(self):
+        return self._loader(self.train, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val, shuffle=False)
 
 
 def uses_features(section):
@@ -142,11 +205,26 @@ def load_inputs(name, section, split):
     return data.images, data.labels, data.classes
 
 
+def _flipped_features(name):
+    path = layout.features_file(name, FLIPPED_TRAIN)
+    if not path.exists():
+        raise UserError(
+            f"{name}.train.hflip is true but {path} is missing: set the shared train.hflip: true "
+            f"so that featurize_{name} caches the mirrored train images' features"
+        )
+    return np.load(path)
+
+
 def data_device(train, nbytes):
     """ "cuda" when one GPU trains and the data takes under a quarter of its free memory: batches
     are then gathered on the GPU with no host-to-device copy per step. Else None (host memory).
     """
-    on_one_gpu = torch.cuda.is_available() and train.accelerator != "cpu" and train.devices == 1
+    on_one_gpu = (
+        torch.cuda.is_available()
+        and train.accelerator != "cpu"
+        and train.devices == 1
+        and train.num_nodes == 1
+    )
     if on_one_gpu and nbytes < torch.cuda.mem_get_info()[0] / 4:
         return "cuda"
     return None
@@ -184,10 +262,12 @@ def train_model(name, params):
     feature_meta = json.loads(layout.features_meta(name).read_text()) if features else {}
     net = build_net(name, section, len(classes), feature_meta.get("feature_dim"))
     module = Classifier(net, train, len(classes), hflip=train.hflip and not features)
-    device = data_device(train, train_x.nbytes + val_x.nbytes)
+    train_split = (train_x, train_y)
+    if features and train.hflip:
+        train_split += (_flipped_features(name),)
+    device = data_device(train, sum(x.nbytes for x in (*train_split, val_x)))
     pin = device is None and torch.cuda.is_available() and train.accelerator != "cpu"
-    train_loader = make_loader(train_x, train_y, train.batch_size, True, params.seed, pin, device)
-    val_loader = make_loader(val_x, val_y, train.batch_size, False, pin_memory=pin, device=device)
+    data = InMemoryData(train_split, (val_x, val_y), train.batch_size, params.seed, pin, device)
 
     with tempfile.TemporaryDirectory() as work:
         best = ModelCheckpoint(dirpath=work, monitor="val/loss", mode="min", save_weights_only=True)
@@ -198,6 +278,9 @@ def train_model(name, params):
             max_epochs=train.max_epochs,
             accelerator=train.accelerator,
             devices=train.devices,
+            num_nodes=train.num_nodes,
+            strategy=train.strategy,
+            use_distributed_sampler=False,  # InMemoryData shards by rank itself
             precision=resolve_precision(train),
             callbacks=[best, stop],
             logger=CSVLogger(work, name="", version=""),
@@ -206,8 +289,10 @@ def train_model(name, params):
             log_every_n_steps=1,  # metrics are logged per epoch; this only silences a hint
         )
         started = time.perf_counter()
-        trainer.fit(module, train_loader, val_loader)
+        trainer.fit(module, datamodule=data)
         seconds = time.perf_counter() - started
+        if not trainer.is_global_zero:  # rank 0 writes the outputs
+            return None
         history = _epoch_history(Path(work) / "metrics.csv")
         if history["val_loss"].isna().all():
             raise UserError(f"{name}: val_loss was never finite; lower {name}.train.lr")
