@@ -123,17 +123,17 @@ def _pil_loader(images, labels, size, mean, std, batch_size, device):
     )
 
 
-def bench_backbone(name, images, labels, size, device, batch_size=32, head_batch_size=128):
+def bench_backbone(name, images, labels, size, device, weights, batch_size=32, head_batch_size=128):
     """Reference epoch (PIL + full frozen model) vs featurize once + head epochs.
 
     Batches of 32 for the reference, as in the notebooks (its cost is the backbone's, whatever
     the batch); 128 for the head, params.yaml's default.
     """
     spec = backbone_spec(name)
-    extractor = prepare_extractor(feature_extractor(name, "none", size), device)
+    extractor = prepare_extractor(feature_extractor(name, weights, size), device)
     # The reference is the plain frozen body (fp32, default memory format); its preprocessing
     # happens per image, in PIL, in the loader.
-    body = feature_extractor(name, "none", size)[1].eval().requires_grad_(False).to(device)
+    body = feature_extractor(name, weights, size)[1].eval().requires_grad_(False).to(device)
     head = mlp(spec.feature_dim, *HEAD[:1], 10, *HEAD[1:]).to(device)
     results = {}
 
@@ -180,6 +180,48 @@ def bench_backbone(name, images, labels, size, device, batch_size=32, head_batch
     return results
 
 
+def precision_check(name, data, size, device, weights, epochs=10):
+    """Head test accuracy on fp32 features against bf16 features of the same images."""
+    (train_x, train_y), (test_x, test_y) = data
+    spec = backbone_spec(name)
+    extractor = prepare_extractor(feature_extractor(name, weights, size), device)
+    features = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            for split, images in (("train", train_x), ("test", test_x)):
+                out = Path(tmp) / f"{label}_{split}.npy"
+                featurize(extractor, images, out, spec.feature_dim, device, desc=label, dtype=dtype)
+                features[label, split] = np.load(out).astype(np.float32)
+    reference = features["fp32", "test"]
+    relative_error = float(
+        np.linalg.norm(features["bf16", "test"] - reference) / np.linalg.norm(reference)
+    )
+    accuracy = {}
+    for label in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        head = mlp(spec.feature_dim, *HEAD[:1], 10, *HEAD[1:]).to(device)
+        batches = make_loader(
+            features[label, "train"], train_y, 128, shuffle=True, device=_on_gpu(device)
+        )
+        for epoch in range(epochs):
+            batches.sampler.set_epoch(epoch)
+            _train_epoch(batches, head, list(head.parameters()), device)
+        with torch.no_grad():
+            logits = head.eval()(torch.as_tensor(features[label, "test"]).to(device))
+        accuracy[label] = float((logits.argmax(1).cpu() == torch.as_tensor(test_y)).float().mean())
+    print(
+        f"  {name} at {size} px, weights {weights}: feature relative error bf16 vs fp32 "
+        f"{relative_error:.4f}; head test accuracy fp32 {accuracy['fp32']:.2%}, "
+        f"bf16 {accuracy['bf16']:.2%}"
+    )
+    return {
+        f"{name}_bf16_feature_rel_error": round(relative_error, 5),
+        f"{name}_bf16_minus_fp32_accuracy_points": round(
+            100 * (accuracy["bf16"] - accuracy["fp32"]), 2
+        ),
+    }
+
+
 def bench_mlp(images, labels, device, batch_size=128):
     """Per-image DataLoader (PIL, ToTensor, Normalize) vs uint8 tensors indexed per batch."""
     size = MLP_INPUT.default_size
@@ -199,6 +241,11 @@ def bench_mlp(images, labels, device, batch_size=128):
     return {"reference_epoch_s": reference, "epoch_s": ours}
 
 
+def _input_size(name, override):
+    spec = backbone_spec(name)
+    return max(override, spec.min_size) if override else spec.input.default_size
+
+
 def load_images(archive, count, seed=0):
     """`count` train images of the archive, or random ones where no archive is given."""
     if archive:
@@ -206,6 +253,19 @@ def load_images(archive, count, seed=0):
         return train.images[:count], train.labels[:count]
     rng = np.random.default_rng(seed)
     return (rng.integers(0, 256, (count, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, count))
+
+
+def run_precision_check(args, names, count, device):
+    """Train on the archive's first `count` train images, test on its whole test batch."""
+    train, test = read_cifar10(args.archive)
+    data = ((train.images[:count], train.labels[:count]), (test.images, test.labels))
+    summary = {}
+    for name in names:
+        size = _input_size(name, args.image_size)
+        summary.update(precision_check(name, data, size, device, args.weights))
+    summary["device"] = str(device)
+    print(json.dumps(summary))
+    return summary
 
 
 def main(argv=None):
@@ -217,12 +277,20 @@ def main(argv=None):
     parser.add_argument(
         "--image-size", type=int, help="every backbone's input size (at least its minimum)"
     )
+    parser.add_argument("--weights", default="none", help="none (default), imagenet or a path")
+    parser.add_argument(
+        "--precision-check",
+        action="store_true",
+        help="instead of timing: head test accuracy on bf16 vs fp32 features (needs --archive)",
+    )
     args = parser.parse_args(argv)
     count = args.images or (256 if args.quick else 4096)
     names = args.backbones or (["vgg16"] if args.quick else ["vgg16", "inception"])
     device = default_device()
     enable_fast_cuda()
     torch.manual_seed(0)
+    if args.precision_check:
+        return run_precision_check(args, names, count, device)
     images, labels = load_images(args.archive, count)
     labels = torch.as_tensor(labels)
     device_name = (
@@ -234,10 +302,9 @@ def main(argv=None):
 
     summary = {}
     for name in names:
-        spec = backbone_spec(name)
-        size = max(args.image_size, spec.min_size) if args.image_size else spec.input.default_size
+        size = _input_size(name, args.image_size)
         print(f"{name} at {size} px:")
-        r = bench_backbone(name, images, labels, size, device)
+        r = bench_backbone(name, images, labels, size, device, args.weights)
         reference_total = EPOCHS * r["reference_epoch_s"]
         ours_total = r["featurize_s"] + EPOCHS * r["head_epoch_s"]
         print(

@@ -29,15 +29,19 @@ def prepare_extractor(extractor, device):
 
 
 @torch.inference_mode()
-def featurize(extractor, images, out_path, feature_dim, device, desc="featurize", flip=False):
+def featurize(
+    extractor, images, out_path, feature_dim, device, desc="featurize", flip=False, dtype="auto"
+):
     """Write extractor(images) as float16 (N x feature_dim) .npy, batch by batch; with `flip`,
     of the images mirrored left-right (flipped on the device).
 
     Features go straight into a memory-mapped file, so host memory holds one batch of features
     whatever the split's size. On CUDA out of memory the batch is retried at half the size.
+    `dtype` is the autocast dtype, None for fp32; "auto" picks featurize_dtype(device).
     Returns images per second.
     """
-    dtype = featurize_dtype(device)
+    if dtype == "auto":
+        dtype = featurize_dtype(device)
     batch_size = BATCH_SIZE[device.type]
     source = torch.from_numpy(images)
     if device.type == "cuda":  # pinned once, so each batch's copy can overlap the compute
