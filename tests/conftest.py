@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
+from transfer_study import layout
+from transfer_study.data import make_splits, read_cifar10, save_split
 from transfer_study.params import deep_merge
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -101,3 +103,13 @@ def write_params(path, overrides):
 @pytest.fixture
 def archive(tmp_path):
     return write_cifar_archive(tmp_path / "cifar.tar.gz")
+
+
+@pytest.fixture
+def workdir(archive, tmp_path, monkeypatch):
+    """A project folder with the split stage's outputs, as the later stages find them."""
+    monkeypatch.chdir(tmp_path)
+    train, test = read_cifar10(archive)
+    for name, split in make_splits(train, test, 0.2, seed=0).items():
+        save_split(split, layout.split_file(name))
+    return tmp_path

@@ -12,7 +12,7 @@ import torch
 from conftest import REPO, tiny_overrides, write_params
 
 from transfer_study import layout
-from transfer_study.data import load_split, make_splits, read_cifar10, save_split
+from transfer_study.data import load_split
 from transfer_study.errors import UserError
 from transfer_study.evaluation import evaluate_models
 from transfer_study.features import featurize_model
@@ -28,16 +28,6 @@ TRAIN_KEYS = {
     "trainable_params",
     "total_params",
 }
-
-
-@pytest.fixture
-def workdir(archive, tmp_path, monkeypatch):
-    """A project folder with the split stage's outputs, as the later stages find them."""
-    monkeypatch.chdir(tmp_path)
-    train, test = read_cifar10(archive)
-    for name, split in make_splits(train, test, 0.2, seed=0).items():
-        save_split(split, layout.split_file(name))
-    return tmp_path
 
 
 def params(archive, **overrides):

@@ -1,0 +1,44 @@
+"""The CUDA path (bf16 autocast, channels_last, GPU-resident data); run with `pytest -m gpu`."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, tiny_overrides
+
+from transfer_study import layout
+from transfer_study.features import featurize, prepare_extractor
+from transfer_study.models import backbone_spec, feature_extractor
+from transfer_study.params import deep_merge, load_params
+from transfer_study.training import train_model
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_cuda_bf16_features_match_cpu_fp32(tmp_path):
+    torch.manual_seed(0)
+    extractor = feature_extractor("vgg16", "none", 224)
+    images = np.random.default_rng(0).integers(0, 256, (64, 3, 32, 32), dtype=np.uint8)
+    outputs = {}
+    for device, dtype in (("cpu", None), ("cuda", "auto")):  # fp32 reference, bf16 default
+        model = prepare_extractor(extractor, torch.device(device))
+        featurize(
+            model,
+            images,
+            tmp_path / f"{device}.npy",
+            backbone_spec("vgg16").feature_dim,
+            torch.device(device),
+            dtype=dtype,
+        )
+        outputs[device] = np.load(tmp_path / f"{device}.npy").astype(np.float64)
+    error = np.linalg.norm(outputs["cuda"] - outputs["cpu"]) / np.linalg.norm(outputs["cpu"])
+    assert error < 3e-2
+
+
+def test_training_on_the_gpu_in_bf16(workdir, archive):
+    params = load_params(f"{REPO}/params.yaml", deep_merge(tiny_overrides(archive), {}))
+    metrics = train_model("mlp", params)
+    assert metrics["precision"] == "bf16-mixed" and metrics["device"] != "cpu"
+    assert layout.model_file("mlp").exists()
