@@ -3,14 +3,17 @@
 import sys
 
 from transfer_study.errors import exit_on_user_error
-from transfer_study.features import featurize_model
+from transfer_study.features import featurize_model, skip_featurize
 from transfer_study.params import load_params
 
 
 @exit_on_user_error
 def main(name):
     params = load_params()
-    featurize_model(name, params.model(name), hflip=params.train.hflip)
+    if name in params.models:
+        featurize_model(name, params.model(name), hflip=params.train.hflip)
+    else:
+        skip_featurize(name)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,16 @@ import sys
 
 from transfer_study.errors import exit_on_user_error
 from transfer_study.params import load_params
-from transfer_study.training import train_model
+from transfer_study.training import skip_training, train_model
 
 
 @exit_on_user_error
 def main(name):
-    train_model(name, load_params())
+    params = load_params()
+    if name in params.models:
+        train_model(name, params)
+    else:
+        skip_training(name)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,7 @@ def tiny_overrides(archive):
         "train": {"batch_size": 32, "max_epochs": 2, "patience": 1},
         "vgg16": {"weights": "none", "image_size": 32},
         "inception": {"weights": "none", "image_size": 75},
+        "lite0": {"weights": "none", "image_size": 32},
     }
 
 

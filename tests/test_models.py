@@ -21,7 +21,7 @@ def images(n, size=32, seed=0):
 @pytest.mark.parametrize("name", list(BACKBONES))
 def test_feature_extractor_at_its_minimum_size(name):
     spec = backbone_spec(name)
-    extractor = feature_extractor(name, "none", spec.min_size)
+    extractor = feature_extractor(name, "none", spec.input.min_size)
     extractor = prepare_extractor(extractor, torch.device("cpu"))
     features = extractor(images(2))
     assert features.shape == (2, spec.feature_dim)
@@ -30,14 +30,20 @@ def test_feature_extractor_at_its_minimum_size(name):
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))
-def test_input_spec_comes_from_the_weights(name):
-    spec = backbone_spec(name)
-    assert spec.input.mean == (0.485, 0.456, 0.406)
-    assert spec.input.default_size == {"vgg16": 224, "inception": 299}[name]
+def test_input_spec_matches_the_weights(name):
+    expected = {  # (default size, minimum size, mean of the first channel, its std)
+        "vgg16": (224, 32, 0.485, 0.229),
+        "inception": (299, 75, 0.485, 0.229),
+        "lite0": (224, 32, 127 / 255, 128 / 255),  # TF-style (pixel - 127) / 128
+    }[name]
+    spec = backbone_spec(name).input
+    assert (spec.default_size, spec.min_size, spec.mean[0], spec.std[0]) == expected
 
 
 def test_unknown_backbone_lists_the_valid_ones():
-    with pytest.raises(UserError, match="unknown backbone 'resnet' \\(valid: vgg16, inception\\)"):
+    with pytest.raises(
+        UserError, match="unknown backbone 'resnet' \\(valid: vgg16, inception, lite0\\)"
+    ):
         backbone_spec("resnet")
 
 
@@ -57,7 +63,9 @@ def test_features_then_head_equals_the_full_frozen_model(name):
     torch.manual_seed(0)
     spec = backbone_spec(name)
     full = build_net(
-        name, section(name, weights="none", freeze=False, image_size=spec.min_size), num_classes=10
+        name,
+        section(name, weights="none", freeze=False, image_size=spec.input.min_size),
+        num_classes=10,
     ).eval()
     extractor, head = full
     batch = images(3)
@@ -90,7 +98,7 @@ def test_mlp_resizes_its_input():
 def test_weights_from_a_state_dict_file(tmp_path):
     spec = BACKBONES["inception"]
     torch.manual_seed(1)
-    model = spec.build(weights=None, **spec.build_kwargs)
+    model = spec.load("none", 75)
     torch.save(model.state_dict(), tmp_path / "inception.pth")  # as torchvision ships weights
     loaded = feature_extractor("inception", str(tmp_path / "inception.pth"), 75).eval()
     expected = nn.Sequential(Preprocess(75, spec.input.mean, spec.input.std), spec.to_body(model))

@@ -13,7 +13,7 @@ PARAMS = f"{REPO}/params.yaml"
 
 def test_repository_params_parse():
     params = load_params(PARAMS)
-    assert params.models == ("mlp", "vgg16", "inception")
+    assert params.models == ("mlp", "vgg16", "inception", "lite0")
     assert params.model("vgg16").image_size == 224 and params.model("inception").image_size == 299
 
 
@@ -77,5 +77,5 @@ def test_stage_prints_one_line_and_exits_2(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: unknown key 'train.lrr' (valid: optimizer, lr, momentum, weight_decay, l1, "
         "scheduler, gamma, batch_size, max_epochs, patience, min_delta, hflip, accelerator, "
-        "devices, precision)"
+        "devices, num_nodes, strategy, precision)"
     ]

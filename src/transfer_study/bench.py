@@ -243,7 +243,7 @@ def bench_mlp(images, labels, device, batch_size=128):
 
 def _input_size(name, override):
     spec = backbone_spec(name)
-    return max(override, spec.min_size) if override else spec.input.default_size
+    return max(override, spec.input.min_size) if override else spec.input.default_size
 
 
 def load_images(archive, count, seed=0):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from . import layout
 from .atomic import atomic_path, write_json
 from .hardware import autocast_dtype, default_device
+from .models import MODEL_NAMES
 from .training import load_inputs, load_trained
 
 BATCH_SIZE = 256  # images or feature rows per forward pass
@@ -54,7 +55,11 @@ def score(logits, labels, classes):
 
 
 def evaluate_models(models):
-    """Score each trained model on the test split; write evaluate.json and confusion tables."""
+    """Score each trained model on the test split; write evaluate.json and confusion tables
+    (left-out models get empty tables: DVC wants every declared output)."""
+    for name in set(MODEL_NAMES) - set(models):
+        with atomic_path(layout.confusion_file(name)) as tmp:
+            pd.DataFrame(columns=["actual", "predicted", "confidence"]).to_csv(tmp, index=False)
     results = {}
     for name in models:
         net, section, _ = load_trained(layout.model_file(name))

