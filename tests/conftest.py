@@ -14,6 +14,15 @@ from transfer_study.data import make_splits, read_cifar10, save_split
 from transfer_study.params import deep_merge
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# What every training stage writes into metrics/train_<model>.json, at least.
+TRAIN_KEYS = {
+    "best_val_loss",
+    "best_val_accuracy",
+    "epochs",
+    "train_seconds",
+    "trainable_params",
+    "total_params",
+}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")

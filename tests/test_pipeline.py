@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import REPO, tiny_overrides, write_cifar_archive, write_params
+from conftest import REPO, TRAIN_KEYS, tiny_overrides, write_cifar_archive, write_params
 
 MODELS = ["mlp", "vgg16", "inception", "lite0"]
 ALL_STAGES = [
@@ -76,14 +76,7 @@ def test_repro_runs_every_stage_and_writes_every_output(project):
     assert stages_run(run(project, "dvc", "repro")) == sorted(ALL_STAGES)
     for name in MODELS:
         metrics = json.loads((project / f"metrics/train_{name}.json").read_text())
-        assert {
-            "best_val_loss",
-            "best_val_accuracy",
-            "epochs",
-            "train_seconds",
-            "trainable_params",
-            "total_params",
-        } <= metrics.keys()
+        assert TRAIN_KEYS <= metrics.keys()
         assert (project / f"plots/history/{name}.csv").exists()
         assert (project / f"reports/confusion_{name}.png").exists()
         assert (project / f"reports/misclassified_{name}.png").exists()

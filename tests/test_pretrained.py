@@ -28,7 +28,8 @@ MARGIN = 0.55
 def test_pretrained_lite0_features_beat_random_ones(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     train, test = read_cifar10(SAMPLE)
-    for name, split in make_splits(train, test, 0.2, seed=0, train_size=2000, test_size=1000).items():
+    splits = make_splits(train, test, 0.2, seed=0, train_size=2000, test_size=1000)
+    for name, split in splits.items():
         save_split(split, layout.split_file(name))
     accuracy = {}
     for weights in ("imagenet", "none"):

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, tiny_overrides, write_params
+from conftest import REPO, TRAIN_KEYS, tiny_overrides, write_params
 
 from transfer_study import layout
 from transfer_study.data import load_split
@@ -19,15 +19,6 @@ from transfer_study.features import featurize_model
 from transfer_study.optim import OPTIMIZERS
 from transfer_study.params import deep_merge, load_params
 from transfer_study.training import Classifier, build_net, load_trained, train_model
-
-TRAIN_KEYS = {
-    "best_val_loss",
-    "best_val_accuracy",
-    "epochs",
-    "train_seconds",
-    "trainable_params",
-    "total_params",
-}
 
 
 def params(archive, **overrides):
