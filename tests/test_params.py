@@ -77,5 +77,5 @@ def test_stage_prints_one_line_and_exits_2(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: unknown key 'train.lrr' (valid: optimizer, lr, momentum, weight_decay, l1, "
         "scheduler, gamma, batch_size, max_epochs, patience, min_delta, hflip, accelerator, "
-        "devices, num_nodes, strategy, precision)"
+        "devices, num_nodes, strategy, precision, compile)"
     ]

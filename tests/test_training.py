@@ -220,3 +220,35 @@ def test_hflip_needs_the_mirrored_cache(workdir, archive):
     featurize_model("vgg16", p.model("vgg16"), hflip=False)
     with pytest.raises(UserError, match="set the shared train.hflip: true"):
         train_model("vgg16", p)
+
+
+def test_featurize_under_torchrun_matches_one_process(workdir, archive):
+    write_params(workdir / "params.yaml", tiny_overrides(archive))
+    env = {**os.environ, "PYTHONPATH": f"{REPO}/src"}
+    stage = [f"{REPO}/stages/featurize.py", "vgg16"]
+    subprocess.run(
+        [sys.executable, *stage], cwd=workdir, env=env, check=True, capture_output=True, timeout=300
+    )
+    splits = ("train", "val", "test")
+    single = {s: np.load(layout.features_file("vgg16", s)) for s in splits}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(
+        [*torchrun, *stage], cwd=workdir, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for split in splits:  # each rank ran its own half; rank 0 joined them in order
+        joined = np.load(layout.features_file("vgg16", split)).astype(np.float32)
+        np.testing.assert_allclose(joined, single[split].astype(np.float32), rtol=2e-2, atol=2e-2)
+    assert not list(layout.features_file("vgg16", "train").parent.glob("*part*"))
+    assert json.loads((layout.METRICS_DIR / "featurize_vgg16.json").read_text())["device"] == (
+        "2 x cpu"
+    )
+
+
+def test_compile_param_compiles_the_trained_network(workdir, archive, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    train_model("mlp", params(archive, train={"compile": True, "max_epochs": 1}))
+    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Sequential)
+    train_model("mlp", params(archive, train={"compile": False, "max_epochs": 1}))
+    assert len(compiled) == 1

@@ -1,10 +1,12 @@
 """Run a frozen backbone once over a split and stream its features to a memory-mapped file."""
 
+import os
 import sys
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from . import layout
@@ -27,6 +29,12 @@ def prepare_extractor(extractor, device):
     """Eval mode (dropout off, batch norm frozen), no gradients, channels_last on the device."""
     extractor.eval().requires_grad_(False)
     return extractor.to(device, memory_format=torch.channels_last)
+
+
+def _write_header(file, rows, feature_dim):
+    """The .npy header of a rows x feature_dim float16 array whose data follows it."""
+    header = {"descr": "<f2", "fortran_order": False, "shape": (rows, feature_dim)}
+    np.lib.format.write_array_header_1_0(file, header)
 
 
 @torch.inference_mode()
@@ -54,8 +62,7 @@ def featurize(
         open(tmp, "wb") as out,
         tqdm(total=len(images), desc=desc, unit="img") as bar,
     ):
-        header = {"descr": "<f2", "fortran_order": False, "shape": (len(images), feature_dim)}
-        np.lib.format.write_array_header_1_0(out, header)
+        _write_header(out, len(images), feature_dim)
         first = 0
         while first < len(images):
             batch = source[first : first + batch_size].to(device, non_blocking=True)
@@ -79,13 +86,38 @@ def featurize(
     return len(images) / (time.perf_counter() - start)
 
 
+def torchrun_ranks():
+    """(rank, world size, local rank) under torchrun, else (0, 1, 0)."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def _concatenate(parts, path):
+    """Join the ranks' part files into one .npy, streaming, then remove the parts."""
+    arrays = [np.load(part, mmap_mode="r") for part in parts]
+    chunk = 4096  # rows per write, to keep memory bounded
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        _write_header(out, sum(len(a) for a in arrays), arrays[0].shape[1])
+        for array in arrays:
+            for first in range(0, len(array), chunk):
+                out.write(np.ascontiguousarray(array[first : first + chunk]).tobytes())
+    for part in parts:
+        part.unlink()
+
+
 def featurize_model(name, section, hflip=False, splits=SPLITS):
     """Cache the frozen backbone's features of every split, with a meta file and timing metrics.
 
     With `hflip`, the features of the mirrored train images too (one more pass over train), so
-    that training can flip at random and still read cached features.
+    that training can flip at random and still read cached features. Under torchrun each rank
+    featurizes its slice of every split on its own GPU, and rank 0 joins the slices.
     """
+    rank, world, local_rank = torchrun_ranks()
     device = default_device()
+    if world > 1:
+        dist.init_process_group("gloo")  # barriers only: the features travel through files
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
     enable_fast_cuda()
     spec = backbone_spec(name)
     extractor = feature_extractor(name, section.weights, section.image_size)
@@ -96,15 +128,29 @@ def featurize_model(name, section, hflip=False, splits=SPLITS):
     timings = {}
     for out_name, split, flip in jobs:
         images = load_split(layout.split_file(split)).images
-        timings[out_name] = featurize(
+        path = layout.features_file(name, out_name)
+        parts = [path.with_name(f"{path.stem}.part{r}.npy") for r in range(world)]
+        mine = slice(rank * len(images) // world, (rank + 1) * len(images) // world)
+        start = time.perf_counter()
+        featurize(
             extractor,
-            images,
-            layout.features_file(name, out_name),
+            images[mine],
+            parts[rank] if world > 1 else path,
             spec.feature_dim,
             device,
             desc=f"{name} {out_name}",
             flip=flip,
         )
+        if world > 1:
+            dist.barrier()
+            if rank == 0:
+                _concatenate(parts, path)
+        timings[out_name] = len(images) / (time.perf_counter() - start)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+        if rank != 0:
+            return None
     meta = {
         "feature_dim": spec.feature_dim,
         "backbone_params": count_params(extractor),
@@ -114,7 +160,7 @@ def featurize_model(name, section, hflip=False, splits=SPLITS):
     write_json(layout.features_meta(name), meta)
     metrics = {
         "images_per_second": {s: round(v, 1) for s, v in timings.items()},
-        "device": str(device),
+        "device": str(device) if world == 1 else f"{world} x {device.type}",
         "precision": "bf16" if featurize_dtype(device) else "fp32",
     }
     write_json(layout.METRICS_DIR / f"featurize_{name}.json", metrics)

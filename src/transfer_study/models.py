@@ -142,7 +142,10 @@ def backbone_spec(name):
 def feature_extractor(name, weights, image_size):
     """uint8 images -> flat features: preprocessing (resize, normalize) + the backbone body."""
     spec = backbone_spec(name)
-    body = spec.to_body(spec.load(weights, image_size))
+    with torch.random.fork_rng(devices=[]):
+        # `weights: none` then gives the same random backbone in every run and every process.
+        torch.manual_seed(0)
+        body = spec.to_body(spec.load(weights, image_size))
     return nn.Sequential(Preprocess(image_size, spec.input.mean, spec.input.std), body)
 
 

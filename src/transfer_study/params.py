@@ -50,6 +50,7 @@ class TrainParams:
     num_nodes: int
     strategy: str
     precision: str
+    compile: bool  # torch.compile the network (measured: see README, Performance)
 
 
 @dataclass(frozen=True)

@@ -263,6 +263,8 @@ def train_model(name, params):
     features = uses_features(section)
     feature_meta = json.loads(layout.features_meta(name).read_text()) if features else {}
     net = build_net(name, section, len(classes), feature_meta.get("feature_dim"))
+    if train.compile:
+        net.compile()  # in place: the state_dict keeps its keys; compiles at the first batch
     module = Classifier(net, train, len(classes), hflip=train.hflip and not features)
     train_split = (train_x, train_y)
     if features and train.hflip:
