@@ -12,6 +12,7 @@ from .models import MODEL_NAMES
 from .training import load_inputs, load_trained
 
 BATCH_SIZE = 256  # images or feature rows per forward pass
+PREDICTION_COLUMNS = ["actual", "predicted", "confidence"]  # plots/confusion/<model>.csv
 
 
 @torch.inference_mode()
@@ -44,13 +45,9 @@ def score(logits, labels, classes):
         "per_class_accuracy": {c: round(float(a), 6) for c, a in zip(classes, per_class)},
     }
     names = np.array(classes)
-    table = pd.DataFrame(
-        {
-            "actual": names[labels],
-            "predicted": names[predicted],
-            "confidence": probabilities.max(dim=1).values.numpy().round(4),
-        }
-    )
+    confidence = probabilities.max(dim=1).values.numpy().round(4)
+    columns = (names[labels], names[predicted], confidence)
+    table = pd.DataFrame(dict(zip(PREDICTION_COLUMNS, columns)))
     return metrics, table
 
 
@@ -59,7 +56,7 @@ def evaluate_models(models):
     (left-out models get empty tables: DVC wants every declared output)."""
     for name in set(MODEL_NAMES) - set(models):
         with atomic_path(layout.confusion_file(name)) as tmp:
-            pd.DataFrame(columns=["actual", "predicted", "confidence"]).to_csv(tmp, index=False)
+            pd.DataFrame(columns=PREDICTION_COLUMNS).to_csv(tmp, index=False)
     results = {}
     for name in models:
         net, section, _ = load_trained(layout.model_file(name))

@@ -1,4 +1,4 @@
-"""Run a frozen backbone once over a split and stream its features to a memory-mapped file."""
+"""Run a frozen backbone once over each split and stream its features to disk, batch by batch."""
 
 import os
 import sys

@@ -217,17 +217,17 @@ def _flipped_features(name):
     return np.load(path)
 
 
+def trains_on_gpu(train):
+    """Whether Lightning will put this training on CUDA (accelerator auto or gpu, and a GPU)."""
+    return torch.cuda.is_available() and train.accelerator != "cpu"
+
+
 def data_device(train, nbytes):
-    """ "cuda" when one GPU trains and the data takes under a quarter of its free memory: batches
-    are then gathered on the GPU with no host-to-device copy per step. Else None (host memory).
-    """
-    on_one_gpu = (
-        torch.cuda.is_available()
-        and train.accelerator != "cpu"
-        and train.devices == 1
-        and train.num_nodes == 1
-    )
-    if on_one_gpu and nbytes < torch.cuda.mem_get_info()[0] / 4:
+    """Where the training tensors live: "cuda" when one GPU trains and they take under a quarter
+    of its free memory (batches are then gathered there, with no host-to-device copy per step),
+    else None (host memory)."""
+    one_gpu = trains_on_gpu(train) and train.devices == 1 and train.num_nodes == 1
+    if one_gpu and nbytes < torch.cuda.mem_get_info()[0] / 4:
         return "cuda"
     return None
 
@@ -235,8 +235,7 @@ def data_device(train, nbytes):
 def resolve_precision(train):
     if train.precision != "auto":
         return train.precision
-    on_gpu = train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if trains_on_gpu(train) and torch.cuda.is_bf16_supported() else "32-true"
 
 
 def check_accelerator(train):
@@ -270,7 +269,7 @@ def train_model(name, params):
     if features and train.hflip:
         train_split += (_flipped_features(name),)
     device = data_device(train, sum(x.nbytes for x in (*train_split, val_x)))
-    pin = device is None and torch.cuda.is_available() and train.accelerator != "cpu"
+    pin = device is None and trains_on_gpu(train)  # host tensors bound for a GPU
     data = InMemoryData(train_split, (val_x, val_y), train.batch_size, params.seed, pin, device)
 
     with tempfile.TemporaryDirectory() as work:
