@@ -7,7 +7,8 @@ from transfer_study.params import load_params
 
 @exit_on_user_error
 def main():
-    evaluate_models(load_params().models)
+    params = load_params()
+    evaluate_models(params.models, declared=params.model_sections)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,28 @@
 """Stage split: seeded, stratified train/val/test splits as uint8 arrays, one file per split."""
 
+import sys
+
 from transfer_study import layout
 from transfer_study.atomic import write_json
-from transfer_study.data import make_splits, read_cifar10, save_split, split_counts
+from transfer_study.data import make_splits, save_split, split_counts
 from transfer_study.errors import exit_on_user_error
 from transfer_study.params import load_params
+from transfer_study.sources import DATASETS
 
 
 @exit_on_user_error
 def main():
     params = load_params()
     data = params.data
-    train, test = read_cifar10(layout.ARCHIVE)
+    train, test, skipped = DATASETS[data.dataset].read(layout.RAW_DIR, data)
     splits = make_splits(
         train, test, data.val_fraction, params.seed, data.train_size, data.test_size
     )
     for name, split in splits.items():
         save_split(split, layout.split_file(name))
-    write_json(layout.METRICS_DIR / "split.json", split_counts(splits))
+    for path in skipped:
+        print(f"skipped unreadable image {path}", file=sys.stderr)
+    write_json(layout.METRICS_DIR / "split.json", {**split_counts(splits), "skipped": len(skipped)})
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from transfer_study import layout
-from transfer_study.data import make_splits, read_cifar10, save_split
+from transfer_study.data import make_splits, save_split
 from transfer_study.params import deep_merge
+from transfer_study.sources import read_cifar10
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # What every training stage writes into metrics/train_<model>.json, at least.

@@ -12,12 +12,12 @@ from conftest import CLASSES, write_cifar_archive
 from transfer_study.data import (
     load_split,
     make_splits,
-    read_cifar10,
     save_split,
     split_counts,
     stratified_sample,
 )
 from transfer_study.errors import UserError
+from transfer_study.sources import read_cifar10
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 

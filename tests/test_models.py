@@ -2,15 +2,21 @@
 
 import pytest
 import torch
+import yaml
 from conftest import REPO
 from torch import nn
 
 from transfer_study.errors import UserError
 from transfer_study.features import prepare_extractor
 from transfer_study.models import BACKBONES, backbone_spec, count_params, feature_extractor
-from transfer_study.nets import ACTIVATIONS, Preprocess, mlp
+from transfer_study.nets import ACTIVATIONS, mlp
 from transfer_study.params import load_params
-from transfer_study.training import build_net
+from transfer_study.training import Classifier, build_net, param_groups
+
+# Every hand-registered backbone, and torchvision models taken by name (one per family kind:
+# a ResNet's fc, a MobileNet's classifier Sequential, a ConvNeXt's norm-flatten-linear head).
+MODELS = [*BACKBONES, "resnet18", "mobilenet_v3_small", "convnext_tiny"]
+STATS = {"shape": [3, 32, 32], "mean": (0.5,) * 3, "std": (0.25,) * 3}  # what build_net needs
 
 
 def images(n, size=32, seed=0):
@@ -18,7 +24,7 @@ def images(n, size=32, seed=0):
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
 
 
-@pytest.mark.parametrize("name", list(BACKBONES))
+@pytest.mark.parametrize("name", MODELS)
 def test_feature_extractor_at_its_minimum_size(name):
     spec = backbone_spec(name)
     extractor = feature_extractor(name, "none", spec.input.min_size)
@@ -41,10 +47,12 @@ def test_input_spec_matches_the_weights(name):
 
 
 def test_unknown_backbone_lists_the_valid_ones():
-    with pytest.raises(
-        UserError, match="unknown backbone 'resnet' \\(valid: vgg16, inception, lite0\\)"
-    ):
+    with pytest.raises(UserError) as error:
         backbone_spec("resnet")
+    assert "unknown backbone 'resnet' (valid: vgg16, inception, lite0, or a torchvision" in str(
+        error.value
+    )
+    assert "resnet50" in str(error.value)
 
 
 def test_inception_trains_without_its_auxiliary_head():
@@ -55,24 +63,30 @@ def test_inception_trains_without_its_auxiliary_head():
 
 
 def section(name, **overrides):
+    """The model's section of params.yaml with `overrides`; a torchvision model by name without a
+    section gets resnet50's, frozen."""
+    raw = yaml.safe_load(open(f"{REPO}/params.yaml"))
+    if name not in raw:
+        overrides = {**raw["resnet50"], "trainable_layers": 0, "train": {}, **overrides}
     return load_params(f"{REPO}/params.yaml", {name: overrides}).model(name)
 
 
-@pytest.mark.parametrize("name", list(BACKBONES))
+@pytest.mark.parametrize("name", MODELS)
 def test_features_then_head_equals_the_full_frozen_model(name):
     torch.manual_seed(0)
     spec = backbone_spec(name)
     full = build_net(
         name,
-        section(name, weights="none", freeze=False, image_size=spec.input.min_size),
-        num_classes=10,
+        section(name, weights="none", trainable_layers="all", image_size=spec.input.min_size),
+        10,
+        STATS,
     ).eval()
     extractor, head = full
     batch = images(3)
     with torch.no_grad():
         torch.testing.assert_close(head(extractor(batch)), full(batch))
     # Frozen, the trainable network is the head alone, fed with cached features.
-    frozen = build_net(name, section(name, weights="none"), 10, feature_dim=spec.feature_dim)
+    frozen = build_net(name, section(name, weights="none"), 10, STATS, spec.feature_dim)
     assert frozen[0].in_features == spec.feature_dim
 
 
@@ -84,45 +98,63 @@ def test_head_shapes():
 
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 def test_activation_reaches_the_network(activation):
-    net = build_net("mlp", section("mlp", activation=activation, hidden=[8]), num_classes=10)
+    net = build_net("mlp", section("mlp", activation=activation, hidden=[8]), 10, STATS)
     assert any(isinstance(m, ACTIVATIONS[activation]) for m in net.modules())
     assert net(images(4)).shape == (4, 10)
 
 
 def test_mlp_resizes_its_input():
-    net = build_net("mlp", section("mlp", image_size=16, hidden=[8]), num_classes=10)
+    net = build_net("mlp", section("mlp", image_size=16, hidden=[8]), 10, STATS)
     assert net[2][0].in_features == 3 * 16 * 16
     assert net(images(2)).shape == (2, 10)
 
 
-def test_weights_from_a_state_dict_file(tmp_path):
-    spec = BACKBONES["inception"]
-    torch.manual_seed(1)
-    model = spec.load("none", 75)
-    torch.save(model.state_dict(), tmp_path / "inception.pth")  # as torchvision ships weights
-    loaded = feature_extractor("inception", str(tmp_path / "inception.pth"), 75).eval()
-    expected = nn.Sequential(Preprocess(75, spec.input.mean, spec.input.std), spec.to_body(model))
-    batch = images(2)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(batch), expected.eval()(batch))
+def test_grayscale_feeds_the_mlp_and_rgb_backbones():
+    gray = images(2)[:, :1]
+    stats = {"shape": [1, 32, 32], "mean": (0.5,), "std": (0.25,)}
+    net = build_net("mlp", section("mlp", hidden=[8]), 10, stats)
+    assert net[2][0].in_features == 32 * 32 and net(gray).shape == (2, 10)
+    extractor = feature_extractor("lite0", "none", 32).eval()
+    with torch.no_grad():  # one channel replicated to three = the RGB image of equal channels
+        torch.testing.assert_close(extractor(gray), extractor(gray.expand(-1, 3, -1, -1)))
 
 
-def test_weights_file_of_another_model_is_refused(tmp_path):
-    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
-    with pytest.raises(UserError, match="does not fit this backbone"):
-        feature_extractor("inception", str(tmp_path / "other.pth"), 75)
+def trainable_layers_net(name, layers, **overrides):
+    fields = {"weights": "none", "trainable_layers": layers, "image_size": 32, **overrides}
+    return build_net(name, section(name, **fields), 10, STATS)
 
 
-def test_imagenet_weights_offline_say_where_to_put_them(tmp_path, monkeypatch):
-    import urllib.error
+@pytest.mark.parametrize(("layers", "trainable_convs"), [(2, 2), (13, 13), ("all", 13)])
+def test_trainable_layers_trains_the_top_blocks(layers, trainable_convs):
+    extractor, head = trainable_layers_net("vgg16", layers)
+    convs = [m for m in extractor.modules() if isinstance(m, nn.Conv2d)]
+    flags = [m.weight.requires_grad for m in convs]
+    assert flags == [False] * (13 - trainable_convs) + [True] * trainable_convs
+    assert all(p.requires_grad for p in head.parameters())
 
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
 
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(UserError) as error:
-        feature_extractor("inception", "imagenet", 299)
-    message = str(error.value)
-    assert "inception_v3_google-0cc3c7bd.pth" in message
-    assert str(tmp_path / "hub" / "checkpoints") in message
+def test_trainable_layers_beyond_the_backbone_is_an_error():
+    with pytest.raises(UserError, match="vgg16.trainable_layers = 14: vgg16 has 13 blocks"):
+        trainable_layers_net("vgg16", 14)
+
+
+def test_frozen_batch_norms_stay_in_eval_mode_while_training():
+    net = trainable_layers_net("resnet18", 1)  # the last BasicBlock of layer4 trains
+    module = Classifier(net, section("resnet18").train, 10, pixels=True).train()
+    body = net[0][1]
+    assert not body.bn1.training and not body.layer4[0].bn1.training
+    assert body.layer4[1].bn1.training and body.layer4[1].bn1.weight.requires_grad
+    assert module.training
+
+
+def test_lr_decay_gives_each_block_its_rate():
+    fields = {"weights": "none", "trainable_layers": 2, "image_size": 32, "lr_decay": 0.5}
+    resnet = section("resnet18", **fields, train={"lr": 0.01, "optimizer": "sgd"})
+    net = build_net("resnet18", resnet, 10, STATS)
+    groups = param_groups("resnet18", resnet, net)
+    optimizer = Classifier(net, resnet.train, 10, True, groups).configure_optimizers()
+    assert isinstance(optimizer, torch.optim.SGD)
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    assert lrs == [0.01, 0.005, 0.0025]  # head, layer4[1], layer4[0]
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert sum(p.numel() for g in groups for p in g["params"]) == trainable

@@ -27,6 +27,17 @@ def test_exponent_without_dot_is_a_float(tmp_path):
     assert params.model("mlp").train.lr == 0.0001
 
 
+def test_crop_may_stay_shared_while_frozen_backbones_sit_out():
+    params = load_params(PARAMS, {"models": ["mlp"], "train": {"crop": 4}})
+    assert params.model("mlp").train.crop == 4
+
+
+def test_trainable_layers_takes_a_count_or_all():
+    params = load_params(PARAMS, {"vgg16": {"trainable_layers": 3}})
+    assert params.model("vgg16").trainable_layers == 3
+    assert load_params(PARAMS).model("resnet50").trainable_layers == "all"
+
+
 def test_model_train_section_overrides_only_that_model():
     params = load_params(PARAMS, {"vgg16": {"train": {"lr": "3e-5", "optimizer": "sgd"}}})
     assert params.model("vgg16").train.lr == 3e-5
@@ -48,7 +59,19 @@ def test_model_train_section_overrides_only_that_model():
         ({"mlp": {"train": {"lr": -1}}}, "mlp.train.lr = -1.0"),
         ({"data": {"val_fraction": 1.0}}, "data.val_fraction = 1.0: accepts a number in (0, 1)"),
         ({"inception": {"image_size": 74}}, "inception.image_size = 74: accepts an integer >= 75"),
-        ({"models": ["mlp", "resnet"]}, "models[] = 'resnet': accepts one of mlp, vgg16"),
+        ({"models": ["mlp", "resnet"]}, "models lists 'resnet', which has no section"),
+        ({"resnet99": {}}, "unknown key 'resnet99' (valid: seed, models, data, train, or a"),
+        ({"vgg16": {"trainable_layers": -1}}, "vgg16.trainable_layers = -1: accepts an"),
+        ({"vgg16": {"trainable_layers": "most"}}, "vgg16.trainable_layers = 'most'"),
+        ({"vgg16": {"lr_decay": 1.5}}, "vgg16.lr_decay = 1.5: accepts a number in (0, 1]"),
+        ({"train": {"crop": 4}}, "vgg16.train.crop = 4: accepts 0 while vgg16.trainable_layers"),
+        ({"train": {"crop": -1}}, "train.crop = -1: accepts an integer >= 0"),
+        ({"data": {"dataset": "svhn"}}, "data.dataset = 'svhn': accepts one of cifar10, mnist"),
+        ({"data": {"bad_images": "ignore"}}, "data.bad_images = 'ignore': accepts one of fail"),
+        ({"data": {"dataset": "mnist", "md5": "0" * 32}}, "accepts official, null (no check)"),
+        ({"data": {"md5": "abc"}}, "data.md5 = 'abc': accepts official, null (no check) or a"),
+        ({"data": {"image_size": 64}}, "data.image_size = 64: accepts null for cifar10"),
+        ({"data": {"dataset": "folder"}}, "data.image_size = None: accepts an integer >= 8"),
         ({"vgg16": {"weights": "/no/such.pth"}}, "vgg16.weights = '/no/such.pth'"),
         ({"train": {"hflip": "yes"}}, "train.hflip: expected true or false"),
     ],
@@ -76,6 +99,6 @@ def test_stage_prints_one_line_and_exits_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: unknown key 'train.lrr' (valid: optimizer, lr, momentum, weight_decay, l1, "
-        "scheduler, gamma, batch_size, max_epochs, patience, min_delta, hflip, accelerator, "
-        "devices, num_nodes, strategy, precision, compile)"
+        "scheduler, gamma, batch_size, max_epochs, patience, min_delta, hflip, crop, accelerator, "
+        "devices, num_nodes, strategy, precision, compile, deterministic, resume)"
     ]

@@ -10,10 +10,11 @@ import pytest
 from conftest import REPO
 
 from transfer_study import layout
-from transfer_study.data import make_splits, read_cifar10, save_split
+from transfer_study.data import make_splits, save_split
 from transfer_study.evaluation import evaluate_models
 from transfer_study.features import featurize_model
 from transfer_study.params import load_params
+from transfer_study.sources import read_cifar10
 from transfer_study.training import train_model
 
 SAMPLE = Path(REPO).parent / "shared" / "datasets" / "cifar-10-sample-python.tar.gz"

@@ -20,6 +20,8 @@ from transfer_study.optim import OPTIMIZERS
 from transfer_study.params import deep_merge, load_params
 from transfer_study.training import Classifier, build_net, load_trained, train_model
 
+STATS = {"shape": [3, 32, 32], "mean": (0.5,) * 3, "std": (0.25,) * 3}  # what build_net needs
+
 
 def params(archive, **overrides):
     return load_params(f"{REPO}/params.yaml", deep_merge(tiny_overrides(archive), overrides))
@@ -76,7 +78,7 @@ def test_frozen_backbone_featurize_train_evaluate(workdir, archive):
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_optimizer_and_lr_reach_torch(optimizer, archive):
     section = params(archive, mlp={"train": {"optimizer": optimizer, "lr": "1e-4"}}).model("mlp")
-    module = Classifier(build_net("mlp", section, 10), section.train, 10)
+    module = Classifier(build_net("mlp", section, 10, STATS), section.train, 10)
     built = module.configure_optimizers()
     assert type(built) is OPTIMIZERS[optimizer][0]
     assert built.param_groups[0]["lr"] == 0.0001
@@ -84,7 +86,8 @@ def test_optimizer_and_lr_reach_torch(optimizer, archive):
 
 def test_scheduler_reaches_lightning(archive):
     section = params(archive, train={"scheduler": "exponential", "gamma": 0.5}).model("mlp")
-    built = Classifier(build_net("mlp", section, 10), section.train, 10).configure_optimizers()
+    net = build_net("mlp", section, 10, STATS)
+    built = Classifier(net, section.train, 10).configure_optimizers()
     assert isinstance(built["lr_scheduler"], torch.optim.lr_scheduler.ExponentialLR)
     assert built["lr_scheduler"].gamma == 0.5
 
@@ -105,7 +108,7 @@ def test_fine_tuning_trains_the_whole_network(workdir, archive, name, size):
     p = params(
         archive,
         train={"max_epochs": 1, "batch_size": 64},
-        **{name: {"freeze": False, "image_size": size}},
+        **{name: {"trainable_layers": "all", "image_size": size}},
     )
     metrics = train_model(name, p)
     assert metrics["trainable_params"] == metrics["total_params"] > 1_000_000
@@ -203,8 +206,8 @@ def test_hflip_on_features_picks_plain_or_mirrored_per_sample():
 
 
 def test_hflip_on_pixels_flips_only_in_training(archive):
-    section = params(archive).model("mlp")
-    module = Classifier(build_net("mlp", section, 10), section.train, 10, hflip=True)
+    section = params(archive, train={"hflip": True}).model("mlp")
+    module = Classifier(build_net("mlp", section, 10, STATS), section.train, 10, pixels=True)
     images = torch.arange(2 * 64 * 3 * 4, dtype=torch.float32).reshape(128, 3, 2, 2)
     for training in (False, True):
         module._trainer = type("Trainer", (), {"training": training})()
@@ -213,6 +216,26 @@ def test_hflip_on_pixels_flips_only_in_training(archive):
         unchanged = (out == images).flatten(1).all(1)
         assert bool((flipped | unchanged).all())
         assert flipped.any() == training and unchanged.any()
+
+
+def test_crop_shifts_train_images_only(archive):
+    section = params(archive, mlp={"train": {"crop": 2}}).model("mlp")
+    module = Classifier(build_net("mlp", section, 10, STATS), section.train, 10, pixels=True)
+    images = torch.randint(1, 256, (64, 3, 8, 8), dtype=torch.uint8)  # no zeros: padding shows
+    module._trainer = type("Trainer", (), {"training": False})()
+    assert torch.equal(module.on_after_batch_transfer((images, None), 0)[0], images)
+    module._trainer = type("Trainer", (), {"training": True})()
+    out, _ = module.on_after_batch_transfer((images, None), 0)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    shifted = 0
+    for original, cropped in zip(images, out):
+        # Some window of the zero-padded image, offsets -2..2 in each direction, is the crop.
+        padded = torch.nn.functional.pad(original, (2, 2, 2, 2))
+        windows = [padded[:, y : y + 8, x : x + 8] for y in range(5) for x in range(5)]
+        match = [i for i, w in enumerate(windows) if torch.equal(w, cropped)]
+        assert len(match) == 1
+        shifted += match[0] != 12  # window 12 is the unshifted image
+    assert shifted > 40  # 24 of 25 offsets shift: most of 64 images moved
 
 
 def test_hflip_needs_the_mirrored_cache(workdir, archive):

@@ -21,11 +21,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from .data import read_cifar10
+from .data import channel_stats
 from .features import BATCH_SIZE, featurize, prepare_extractor
 from .hardware import default_device, enable_fast_cuda, featurize_dtype
-from .models import MLP_INPUT, backbone_spec, feature_extractor
+from .models import backbone_spec, feature_extractor
 from .nets import Preprocess, mlp
+from .sources import read_cifar10
 from .training import make_loader
 
 EPOCHS = 6  # the studies' VGG16 run: six epochs
@@ -224,13 +225,14 @@ def precision_check(name, data, size, device, weights, epochs=10):
 
 def bench_mlp(images, labels, device, batch_size=128):
     """Per-image DataLoader (PIL, ToTensor, Normalize) vs uint8 tensors indexed per batch."""
-    size = MLP_INPUT.default_size
+    size = images.shape[-1]
+    mean, std = channel_stats(images)
     net = torch.nn.Sequential(
         torch.nn.Flatten(), mlp(3 * size * size, MLP_HIDDEN, 10, "leaky_relu", 0.2)
     ).to(device)
-    loader = _pil_loader(images, labels, size, MLP_INPUT.mean, MLP_INPUT.std, batch_size, device)
+    loader = _pil_loader(images, labels, size, mean, std, batch_size, device)
     reference = _train_epoch(loader, net, list(net.parameters()), device)
-    preprocess = Preprocess(size, MLP_INPUT.mean, MLP_INPUT.std).to(device)
+    preprocess = Preprocess(size, mean, std).to(device)
     batches = make_loader(images, labels, batch_size, shuffle=True, device=_on_gpu(device))
     _train_epoch(batches, net, list(net.parameters()), device, preprocess)  # warm-up
     ours = _train_epoch(batches, net, list(net.parameters()), device, preprocess)

@@ -1,110 +1,20 @@
-"""CIFAR-10 archive reader, seeded stratified splits, and the per-split uint8 files."""
+"""Seeded stratified splits, and the per-split uint8 files every later stage reads."""
 
-import codecs
-import io
-import pickle
-import tarfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from .atomic import atomic_path
 from .errors import UserError
 
-TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
-TEST_BATCH = "test_batch"
-META = "batches.meta"
 SPLITS = ("train", "val", "test")
 
 
 @dataclass
 class Split:
-    images: np.ndarray  # uint8, N x 3 x H x W
+    images: np.ndarray  # uint8, N x C x H x W (C = 3, or 1 for grayscale)
     labels: np.ndarray  # int64, N
     classes: tuple  # class names, indexed by label
-
-
-def _allowed_globals():
-    """What CIFAR's pickles may reference: numpy array reconstruction, and `_codecs.encode`,
-    which protocol-2 pickles written by Python 3 use for bytes. Nothing here runs code."""
-    try:
-        from numpy._core import multiarray  # numpy >= 2
-    except ImportError:  # numpy 1.x
-        from numpy.core import multiarray
-    numpy_names = {
-        "_reconstruct": multiarray._reconstruct,
-        "scalar": multiarray.scalar,
-        "ndarray": np.ndarray,
-        "dtype": np.dtype,
-    }
-    allowed = {("_codecs", "encode"): codecs.encode}
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray", "numpy"):
-        allowed.update({(module, name): obj for name, obj in numpy_names.items()})
-    return allowed
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """Loads CIFAR's batches (dicts of numpy arrays); refuses any other global, so a crafted
-    pickle cannot run code."""
-
-    allowed = _allowed_globals()
-
-    def find_class(self, module, name):
-        if (module, name) in self.allowed:
-            return self.allowed[(module, name)]
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
-def _unpickle(data, member):
-    try:
-        # The official files were pickled by Python 2: strings come back as bytes.
-        return _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except Exception as error:
-        raise UserError(f"{member} is not a CIFAR batch ({error})") from None
-
-
-def _key(batch, name):
-    return batch.get(name.encode(), batch.get(name))
-
-
-def read_cifar10(archive):
-    """Read the official CIFAR-10 python archive (or a mirror of it) without extracting it.
-
-    Returns (train Split, test Split). Members are read in memory by name, so no path inside the
-    archive is ever written to disk.
-    """
-    wanted = {*TRAIN_BATCHES, TEST_BATCH, META}
-    found = {}
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            for member in tar:
-                name = Path(member.name).name
-                if member.isfile() and name in wanted:
-                    found[name] = tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError) as error:
-        raise UserError(f"{archive} is not a readable tar archive ({error})") from None
-    missing = sorted(wanted - found.keys())
-    if missing:
-        raise UserError(f"{archive} lacks CIFAR-10 members: {', '.join(missing)}")
-    meta = _unpickle(found[META], META)
-    classes = tuple(_decode(name) for name in _key(meta, "label_names"))
-
-    def load(names):
-        batches = [_unpickle(found[name], name) for name in names]
-        data = np.concatenate([np.asarray(_key(b, "data"), dtype=np.uint8) for b in batches])
-        labels = np.concatenate([np.asarray(_key(b, "labels"), dtype=np.int64) for b in batches])
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
-            raise UserError(f"{archive}: batches are not N x 3072 pixels with N labels")
-        if labels.min() < 0 or labels.max() >= len(classes):
-            raise UserError(f"{archive}: labels outside 0..{len(classes) - 1}")
-        return Split(data.reshape(-1, 3, 32, 32), labels, classes)
-
-    return load(TRAIN_BATCHES), load([TEST_BATCH])
-
-
-def _decode(name):
-    return name.decode() if isinstance(name, bytes) else str(name)
 
 
 def stratified_sample(labels, n, rng):
@@ -123,11 +33,25 @@ def stratified_sample(labels, n, rng):
 
 
 def make_splits(train, test, val_fraction, seed, train_size=None, test_size=None):
-    """Seeded stratified train/val split of the train set, with optional stratified caps."""
+    """Seeded stratified train/val split of the train set, with optional stratified caps.
+
+    `test` None (a folder of images without a test/ folder): the test set is drawn from `train`
+    first, stratified, with the same share as the val set.
+    """
+    classes_present = np.unique(train.labels)
+    if len(classes_present) < 2:
+        raise UserError(
+            f"the dataset has a single class ({train.classes[classes_present[0]]}): "
+            "a classifier needs images of at least two classes"
+        )
     rng = np.random.default_rng(seed)
     pool = np.arange(len(train.labels))
+    if test is None:
+        held_out = stratified_sample(train.labels, round(len(pool) * val_fraction), rng)
+        test = _subset(train, held_out)
+        pool = np.setdiff1d(pool, held_out)
     if train_size is not None and train_size < len(pool):
-        pool = stratified_sample(train.labels, train_size, rng)
+        pool = pool[stratified_sample(train.labels[pool], train_size, rng)]
     val_in_pool = stratified_sample(train.labels[pool], round(len(pool) * val_fraction), rng)
     is_val = np.zeros(len(pool), dtype=bool)
     is_val[val_in_pool] = True
@@ -139,6 +63,12 @@ def make_splits(train, test, val_fraction, seed, train_size=None, test_size=None
         "val": _subset(train, pool[is_val]),
         "test": _subset(test, test_idx),
     }
+
+
+def channel_stats(images):
+    """(mean, std) per channel of uint8 N x C x H x W images, on the 0-1 scale."""
+    channels = [images[:, c].astype(np.float64) / 255 for c in range(images.shape[1])]
+    return tuple(float(x.mean()) for x in channels), tuple(float(x.std()) for x in channels)
 
 
 def _subset(split, idx):

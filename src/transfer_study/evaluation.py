@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from . import layout
 from .atomic import atomic_path, write_json
 from .hardware import autocast_dtype, default_device
-from .models import MODEL_NAMES
 from .training import load_inputs, load_trained
 
 BATCH_SIZE = 256  # images or feature rows per forward pass
@@ -51,10 +50,10 @@ def score(logits, labels, classes):
     return metrics, table
 
 
-def evaluate_models(models):
+def evaluate_models(models, declared=()):
     """Score each trained model on the test split; write evaluate.json and confusion tables
-    (left-out models get empty tables: DVC wants every declared output)."""
-    for name in set(MODEL_NAMES) - set(models):
+    (the `declared` models left out get empty tables: DVC wants every declared output)."""
+    for name in set(declared) - set(models):
         with atomic_path(layout.confusion_file(name)) as tmp:
             pd.DataFrame(columns=PREDICTION_COLUMNS).to_csv(tmp, index=False)
     results = {}

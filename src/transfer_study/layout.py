@@ -2,13 +2,14 @@
 
 from pathlib import Path
 
-ARCHIVE = Path("data/cifar-10-python.tar.gz")
+RAW_DIR = Path("data/raw")  # the dataset's files as downloaded
 SPLIT_DIR = Path("data/split")
 FEATURES_DIR = Path("features")
 MODELS_DIR = Path("models")
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
 REPORT_DIR = Path("reports")
+CHECKPOINTS_DIR = Path("checkpoints")  # training in progress; not a DVC output (git-ignored)
 
 
 def split_file(split):
@@ -37,3 +38,7 @@ def history_file(model):
 
 def confusion_file(model):
     return PLOTS_DIR / "confusion" / f"{model}.csv"
+
+
+def checkpoint_dir(model):
+    return CHECKPOINTS_DIR / model

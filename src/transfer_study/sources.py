@@ -1,0 +1,253 @@
+"""Dataset registry: each dataset's official files (with md5s) and the reader that turns them
+into train/test Splits: CIFAR-10's python archive, MNIST's idx files, folders of images."""
+
+import codecs
+import gzip
+import io
+import pickle
+import struct
+import tarfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .data import Split
+from .errors import UserError
+
+TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_BATCH = "test_batch"
+META = "batches.meta"
+
+
+def _allowed_globals():
+    """What CIFAR's pickles may reference: numpy array reconstruction, and `_codecs.encode`,
+    which protocol-2 pickles written by Python 3 use for bytes. Nothing here runs code."""
+    try:
+        from numpy._core import multiarray  # numpy >= 2
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray
+    numpy_names = {
+        "_reconstruct": multiarray._reconstruct,
+        "scalar": multiarray.scalar,
+        "ndarray": np.ndarray,
+        "dtype": np.dtype,
+    }
+    allowed = {("_codecs", "encode"): codecs.encode}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray", "numpy"):
+        allowed.update({(module, name): obj for name, obj in numpy_names.items()})
+    return allowed
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Loads CIFAR's batches (dicts of numpy arrays); refuses any other global, so a crafted
+    pickle cannot run code."""
+
+    allowed = _allowed_globals()
+
+    def find_class(self, module, name):
+        if (module, name) in self.allowed:
+            return self.allowed[(module, name)]
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _unpickle(data, member):
+    try:
+        # The official files were pickled by Python 2: strings come back as bytes.
+        return _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except Exception as error:
+        raise UserError(f"{member} is not a CIFAR batch ({error})") from None
+
+
+def _key(batch, name):
+    return batch.get(name.encode(), batch.get(name))
+
+
+def read_cifar10(archive):
+    """Read the official CIFAR-10 python archive (or a mirror of it) without extracting it.
+
+    Returns (train Split, test Split). Members are read in memory by name, so no path inside the
+    archive is ever written to disk; even so, an archive holding a link, an absolute path or a
+    `..` member is refused, as an extractor would have to.
+    """
+    wanted = {*TRAIN_BATCHES, TEST_BATCH, META}
+    found = {}
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:
+                _check_member(archive, member)
+                name = Path(member.name).name
+                if member.isfile() and name in wanted:
+                    found[name] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise UserError(f"{archive} is not a readable tar archive ({error})") from None
+    missing = sorted(wanted - found.keys())
+    if missing:
+        raise UserError(f"{archive} lacks CIFAR-10 members: {', '.join(missing)}")
+    meta = _unpickle(found[META], META)
+    classes = tuple(_decode(name) for name in _key(meta, "label_names"))
+
+    def load(names):
+        batches = [_unpickle(found[name], name) for name in names]
+        data = np.concatenate([np.asarray(_key(b, "data"), dtype=np.uint8) for b in batches])
+        labels = np.concatenate([np.asarray(_key(b, "labels"), dtype=np.int64) for b in batches])
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
+            raise UserError(f"{archive}: batches are not N x 3072 pixels with N labels")
+        if labels.min() < 0 or labels.max() >= len(classes):
+            raise UserError(f"{archive}: labels outside 0..{len(classes) - 1}")
+        return Split(data.reshape(-1, 3, 32, 32), labels, classes)
+
+    return load(TRAIN_BATCHES), load([TEST_BATCH])
+
+
+def _decode(name):
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _check_member(archive, member):
+    path = PurePosixPath(member.name)
+    if path.is_absolute() or ".." in path.parts:
+        raise UserError(f"{archive}: member {member.name} points outside the archive; refusing it")
+    if member.issym() or member.islnk():
+        raise UserError(f"{archive}: member {member.name} is a link; refusing it")
+
+
+MNIST_CLASSES = tuple(str(digit) for digit in range(10))
+
+
+def _read_idx(path, ndim):
+    """An idx file (gzipped, as MNIST ships it) of uint8 data with `ndim` dimensions."""
+    try:
+        data = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError, zlib.error) as error:
+        raise UserError(f"{path} is not a readable .gz file ({error})") from None
+    # Header: two zero bytes, type code 0x08 (uint8), ndim, then ndim big-endian uint32 sizes.
+    header = 4 + 4 * ndim
+    if len(data) < header or data[:3] != b"\0\0\x08" or data[3] != ndim:
+        raise UserError(f"{path} is not an idx file of {ndim}-d uint8 data")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    body = np.frombuffer(data, dtype=np.uint8, offset=header)
+    if body.size != np.prod(shape):
+        raise UserError(f"{path} holds {body.size} values, its header promises {shape}")
+    return body.reshape(shape)
+
+
+def read_mnist(folder):
+    """(train Split, test Split) from MNIST's four idx files; images are N x 1 x 28 x 28."""
+
+    def load(prefix):
+        images = _read_idx(folder / f"{prefix}-images-idx3-ubyte.gz", 3)
+        labels = _read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", 1).astype(np.int64)
+        if len(images) != len(labels) or labels.max(initial=0) >= len(MNIST_CLASSES):
+            raise UserError(f"{folder}: {prefix} images and labels do not match")
+        return Split(images[:, None], labels, MNIST_CLASSES)
+
+    return load("train"), load("t10k")
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+BAD_IMAGES = ("fail", "skip")
+
+
+def read_folder(root, image_size, bad_images="fail"):
+    """(train Split, test Split or None, unreadable files skipped) from `<class>/<image>` folders,
+    or `train/<class>/...` and `test/<class>/...`. Each image is decoded once, converted to RGB
+    and resized to image_size x image_size pixels.
+
+    `bad_images`: "fail" stops at the first unreadable image, naming it; "skip" leaves it out.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data.path = {root}: no such folder")
+    skipped = []
+    if not (root / "train").is_dir():
+        return _read_classes(root, image_size, bad_images, skipped), None, skipped
+    train = _read_classes(root / "train", image_size, bad_images, skipped)
+    test = None
+    if (root / "test").is_dir():
+        test = _read_classes(root / "test", image_size, bad_images, skipped, train.classes)
+    return train, test, skipped
+
+
+def _read_classes(folder, image_size, bad_images, skipped, classes=None):
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not found:
+        raise UserError(f"{folder} has no class folders: expected {folder}/<class>/<image>.jpg")
+    if classes is not None and not set(found) <= set(classes):
+        extra = ", ".join(sorted(set(found) - set(classes)))
+        raise UserError(f"{folder} has classes that train/ lacks: {extra}")
+    classes = tuple(classes or found)
+    files = {}
+    for name in found:
+        files[name] = sorted(
+            p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not files[name]:
+            suffixes = ", ".join(IMAGE_SUFFIXES)
+            raise UserError(f"class folder {folder / name} holds no images ({suffixes})")
+    images, labels = [], []
+    total = sum(len(paths) for paths in files.values())
+    with tqdm(total=total, desc=f"decode {folder.name}", unit="img") as bar:
+        for name, paths in files.items():
+            for path in paths:
+                pixels = _decode_image(path, image_size, bad_images)
+                bar.update()
+                if pixels is None:
+                    skipped.append(str(path))
+                    continue
+                images.append(pixels)
+                labels.append(classes.index(name))
+    if not images:
+        raise UserError(f"{folder}: no readable images")
+    return Split(np.stack(images), np.array(labels, dtype=np.int64), classes)
+
+
+def _decode_image(path, image_size, bad_images):
+    """uint8 3 x size x size pixels of one image file, or None if unreadable and skipped."""
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+            return np.asarray(rgb).transpose(2, 0, 1)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        if bad_images == "skip":
+            return None
+        raise UserError(
+            f"cannot read image {path} ({error}); remove it or set data.bad_images: skip"
+        ) from None
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """Where a dataset comes from and how its downloaded files become (train, test, skipped)."""
+
+    base_url: str | None  # official location of `files`; None: nothing to download
+    files: dict  # file name -> official md5
+    read: Callable  # (download folder, DataParams) -> (train, test or None, skipped files)
+
+
+DATASETS = {
+    "cifar10": DatasetSource(
+        "https://www.cs.toronto.edu/~kriz/",
+        {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"},
+        lambda folder, data: (*read_cifar10(folder / "cifar-10-python.tar.gz"), []),
+    ),
+    # torchvision's mirror: the original host often refuses scripted downloads.
+    "mnist": DatasetSource(
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        {
+            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+        },
+        lambda folder, data: (*read_mnist(folder), []),
+    ),
+    # The user's own images, read where they lie (data.path); nothing to download.
+    "folder": DatasetSource(
+        None, {}, lambda folder, data: read_folder(data.path, data.image_size, data.bad_images)
+    ),
+}
