@@ -5,6 +5,7 @@ import hashlib
 import http.server
 import socket
 import threading
+import time
 
 import pytest
 
@@ -61,7 +62,7 @@ def test_offline_says_how_to_provide_the_archive(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with pytest.raises(UserError) as error:
-        fetch(f"http://127.0.0.1:{port}/cifar.tar.gz", tmp_path / "a.tar.gz", timeout=5)
+        fetch(f"http://127.0.0.1:{port}/cifar.tar.gz", tmp_path / "a.tar.gz", timeout=5, backoff=0)
     assert "cannot download" in str(error.value)
     assert "dvc exp run -S data.url=/path/to/archive.tar.gz" in str(error.value)
     assert not (tmp_path / "a.tar.gz").exists()
@@ -70,3 +71,63 @@ def test_offline_says_how_to_provide_the_archive(tmp_path):
 def test_missing_local_file(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         fetch(str(tmp_path / "nope.tar.gz"), tmp_path / "a.tar.gz")
+
+
+class Flaky(http.server.BaseHTTPRequestHandler):
+    """Fails the first `failures` requests with 503, then serves PAYLOAD; or, with `stall`,
+    never answers within the client's timeout."""
+
+    failures, stall, requests = 2, 0.0, []
+
+    def do_GET(self):
+        type(self).requests.append(self.path)
+        if self.stall:
+            time.sleep(self.stall)
+        if len(self.requests) <= self.failures:
+            self.send_error(503, "busy")
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(PAYLOAD)))
+        self.end_headers()
+        self.wfile.write(PAYLOAD)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def flaky_server():
+    Flaky.requests = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/cifar.tar.gz"
+    server.shutdown()
+
+
+def test_transient_errors_are_retried_with_backoff(flaky_server, tmp_path, monkeypatch, capsys):
+    waits = []
+    monkeypatch.setattr(time, "sleep", waits.append)
+    dest = fetch(flaky_server, tmp_path / "a.tar.gz", md5=MD5, backoff=2.0)
+    assert dest.read_bytes() == PAYLOAD
+    assert len(Flaky.requests) == 3 and waits == [2.0, 4.0]  # doubling back-off
+    assert "HTTP 503 busy; retrying in 2 s" in capsys.readouterr().err
+
+
+def test_retries_give_up_with_the_offline_advice(flaky_server, tmp_path, monkeypatch):
+    monkeypatch.setattr(Flaky, "failures", 99)
+    with pytest.raises(UserError, match=r"HTTP 503 busy, 3 tries\); without a network"):
+        fetch(flaky_server, tmp_path / "a.tar.gz", attempts=3, backoff=0)
+    assert len(Flaky.requests) == 3 and not (tmp_path / "a.tar.gz").exists()
+
+
+def test_a_silent_server_times_out_instead_of_hanging(flaky_server, tmp_path, monkeypatch):
+    monkeypatch.setattr(Flaky, "stall", 3.0)
+    started = time.monotonic()
+    with pytest.raises(UserError, match="timed out, 2 tries"):
+        fetch(flaky_server, tmp_path / "a.tar.gz", timeout=0.3, attempts=2, backoff=0)
+    assert time.monotonic() - started < 2.5
+
+
+def test_not_found_is_not_retried(http_url, tmp_path):
+    with pytest.raises(UserError, match="HTTP 404"):
+        fetch(http_url.replace("cifar.tar.gz", "nope.tar.gz"), tmp_path / "a.tar.gz", backoff=60)

@@ -1,6 +1,8 @@
 """User-facing errors: one line that names the problem and the fix, no traceback."""
 
+import errno
 import functools
+import signal
 import sys
 
 
@@ -8,15 +10,38 @@ class UserError(Exception):
     """A problem with params, data or the environment that the user can fix."""
 
 
+def _interrupt(signum, frame):
+    # SIGTERM (a scheduler's kill, `kill PID`) unwinds like Ctrl+C: temporary files are removed
+    # on the way out, and no output is renamed into place.
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def exit_on_user_error(main):
-    """Wrap a stage's main(): a UserError prints one line and exits with status 2."""
+    """Wrap a stage's main(): a UserError or a full disk prints one line and exits with status 2;
+    SIGINT/SIGTERM stop it with status 130, leaving no output half-written."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             return main(*args, **kwargs)
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            print(
+                f"error: disk full writing {error.filename or 'an output'}; free space and "
+                "rerun (nothing partial was kept)",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print(
+                "interrupted: no output of this stage was completed; rerun dvc repro",
+                file=sys.stderr,
+            )
+            sys.exit(130)
 
     return wrapper

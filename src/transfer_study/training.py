@@ -70,6 +70,18 @@ class Classifier(pl.LightningModule):
     def forward(self, inputs):
         return self.net(inputs)
 
+    def on_save_checkpoint(self, checkpoint):
+        # The random state too (dropout, flips, crops), so that a resumed run draws what the
+        # uninterrupted run would have drawn.
+        checkpoint["rng_state"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint):
+        torch.set_rng_state(checkpoint["rng_state"])
+        if torch.cuda.is_available() and "cuda_rng_state" in checkpoint:
+            torch.cuda.set_rng_state_all(checkpoint["cuda_rng_state"])
+
     def on_after_batch_transfer(self, batch, dataloader_idx):
         inputs, labels = batch
         if inputs.dtype == torch.float16:  # cached features are stored as fp16 to halve memory
@@ -330,7 +342,15 @@ def train_model(name, params, callbacks=()):
 
     run_key = _run_key(section, params.seed, (*train_split, val_x, val_y))
     checkpoints, resume_from = _checkpoints(name, run_key, train.resume)
-    best = ModelCheckpoint(dirpath=checkpoints, monitor="val/loss", mode="min", save_last=True)
+    # Saved at the end of each epoch, so that a resumed run starts the next epoch (a checkpoint
+    # saved at validation end would make it replay the epoch).
+    best = ModelCheckpoint(
+        dirpath=checkpoints,
+        monitor="val/loss",
+        mode="min",
+        save_last=True,
+        save_on_train_epoch_end=True,
+    )
     stop = EarlyStopping(
         monitor="val/loss", mode="min", patience=train.patience, min_delta=train.min_delta
     )

@@ -1,0 +1,214 @@
+"""Reproducible to the bit, and safe under interruption, resumption and a full disk."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import REPO, tiny_overrides, write_params
+
+from transfer_study import layout
+from transfer_study.data import load_split, make_splits, save_split
+from transfer_study.errors import exit_on_user_error
+from transfer_study.evaluation import evaluate_models
+from transfer_study.features import featurize, featurize_model
+from transfer_study.params import deep_merge, load_params
+from transfer_study.sources import read_cifar10
+from transfer_study.training import train_model
+
+
+def params(archive, **overrides):
+    return load_params(f"{REPO}/params.yaml", deep_merge(tiny_overrides(archive), overrides))
+
+
+def run_study(folder, archive, monkeypatch):
+    """split, featurize vgg16, train mlp and vgg16, evaluate: in a fresh folder."""
+    monkeypatch.chdir(folder)
+    p = params(archive, models=["mlp", "vgg16"])
+    train, test = read_cifar10(archive)
+    data = p.data
+    splits = make_splits(train, test, data.val_fraction, p.seed, data.train_size, data.test_size)
+    for name, split in splits.items():
+        save_split(split, layout.split_file(name))
+    featurize_model("vgg16", p.model("vgg16"))
+    for name in p.models:
+        train_model(name, p)
+    evaluate_models(p.models)
+
+
+def test_same_params_same_bytes_on_the_cpu(archive, tmp_path, monkeypatch):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder in (first, second):
+        folder.mkdir()
+        run_study(folder, archive, monkeypatch)
+    for split in ("train", "val", "test"):
+        a, b = (load_split(f / layout.split_file(split)) for f in (first, second))
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.images, b.images)
+    features = layout.features_file("vgg16", "train")
+    assert (first / features).read_bytes() == (second / features).read_bytes()
+    for name in ("mlp", "vgg16"):
+        a, b = (torch.load(f / layout.model_file(name), weights_only=True) for f in (first, second))
+        assert a["state_dict"].keys() == b["state_dict"].keys()
+        for key in a["state_dict"]:
+            assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    evaluation = layout.METRICS_DIR / "evaluate.json"
+    assert (first / evaluation).read_bytes() == (second / evaluation).read_bytes()
+
+
+def test_deterministic_param_reaches_torch(workdir, archive):
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_start(self, trainer, module):
+            seen.append(torch.are_deterministic_algorithms_enabled())
+
+    for flag in (True, False):
+        p = params(archive, train={"deterministic": flag, "max_epochs": 1})
+        train_model("mlp", p, callbacks=[Record()])
+    assert seen == [True, False]
+
+
+class Interrupt(pl.Callback):
+    """Stops training like a killed job, once `epochs` epochs are checkpointed."""
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, module):
+        if trainer.current_epoch + 1 == self.epochs:
+            raise RuntimeError("killed")
+
+
+def test_resume_continues_an_interrupted_run(workdir, archive):
+    settings = {"max_epochs": 6, "patience": 6, "resume": True}
+    uninterrupted = train_model("mlp", params(archive, train=settings))
+    assert not uninterrupted["resumed"] and uninterrupted["epochs"] == 6
+    reference = np.loadtxt(layout.history_file("mlp"), delimiter=",", skiprows=1)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train_model("mlp", params(archive, train=settings), callbacks=[Interrupt(3)])
+    assert (layout.checkpoint_dir("mlp") / "last.ckpt").exists()
+    resumed = train_model("mlp", params(archive, train=settings))
+    assert resumed["resumed"] and resumed["epochs"] == 6
+    history = np.loadtxt(layout.history_file("mlp"), delimiter=",", skiprows=1)
+    assert history[:, 0].tolist() == [1, 2, 3, 4, 5, 6]  # the first attempt's epochs kept
+    # Epoch 3 was lost with the kill (its checkpoint was not written) and ran again, drawing the
+    # same random numbers from the saved random state: every epoch matches.
+    np.testing.assert_allclose(history, reference, rtol=1e-5)
+    assert not layout.checkpoint_dir("mlp").exists()  # finished: nothing left to resume
+
+
+def test_resume_ignores_a_checkpoint_of_another_configuration(workdir, archive):
+    with pytest.raises(RuntimeError, match="killed"):
+        train_model("mlp", params(archive, train={"max_epochs": 4}), callbacks=[Interrupt(2)])
+    p = params(archive, train={"max_epochs": 4, "resume": True, "lr": 0.01})
+    assert not train_model("mlp", p)["resumed"]
+
+
+def stage(workdir, *args):
+    env = {**os.environ, "PYTHONPATH": f"{REPO}/src"}
+    command = [sys.executable, f"{REPO}/stages/{args[0]}.py", *args[1:]]
+    return subprocess.Popen(command, cwd=workdir, env=env, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, process, seconds=120):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.poll() is None, process.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def leftovers(workdir):
+    """Temporary files of atomic writes (.<name>.tmp<pid><suffix>) anywhere in the project."""
+    return [p for p in workdir.rglob(".*.tmp*")]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_training_leaves_no_output(workdir, archive, signum):
+    long_run = {"max_epochs": 10_000, "patience": 10_000}
+    write_params(workdir / "params.yaml", deep_merge(tiny_overrides(archive), {"train": long_run}))
+    process = stage(workdir, "train", "mlp")
+    wait_for((layout.checkpoint_dir("mlp") / "last.ckpt").exists, process)
+    process.send_signal(signum)
+    assert process.wait(timeout=60) != 0
+    for output in (layout.model_file("mlp"), layout.train_metrics("mlp")):
+        assert not output.exists()
+    assert not layout.history_file("mlp").exists() and leftovers(workdir) == []
+
+
+def test_interrupted_featurize_leaves_no_output(workdir, archive):
+    slow = {"vgg16": {"image_size": 224}}  # seconds per split on a CPU
+    write_params(workdir / "params.yaml", deep_merge(tiny_overrides(archive), slow))
+    process = stage(workdir, "featurize", "vgg16")
+    wait_for(lambda: leftovers(workdir), process)  # the train features are being written
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 130
+    assert "interrupted: no output of this stage was completed" in process.stderr.read()
+    assert not layout.features_file("vgg16", "train").exists() and leftovers(workdir) == []
+
+
+def test_full_disk_leaves_no_partial_features(tmp_path, monkeypatch, capsys):
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, path, mode):
+            self.file = real_open(path, mode)
+
+        def write(self, data):
+            if self.file.tell() > 0:  # the header fits; the first batch does not
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.file.write(data)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    monkeypatch.setattr("transfer_study.features.open", FullDisk, raising=False)
+    images = np.zeros((4, 3, 8, 8), dtype=np.uint8)
+    out = tmp_path / "features" / "train.npy"
+
+    @exit_on_user_error
+    def stage_main():
+        featurize(lambda x: x.float().flatten(1), images, out, 192, torch.device("cpu"))
+
+    with pytest.raises(SystemExit) as exit_info:
+        stage_main()
+    assert exit_info.value.code == 2
+    assert "error: disk full" in capsys.readouterr().err
+    assert list(out.parent.iterdir()) == []  # no partial file for DVC to cache
+
+
+def test_split_metrics_count_skipped_images(tmp_path):
+    from PIL import Image
+
+    for name in ("cat", "dog"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (9, 9), (i * 20, 0, 0)).save(tmp_path / "imgs" / name / f"{i}.png")
+    (tmp_path / "imgs" / "cat" / "bad.png").write_bytes(b"not a png")
+    data = {"dataset": "folder", "path": "imgs", "image_size": 8, "bad_images": "skip"}
+    write_params(tmp_path / "params.yaml", {"data": data})
+    env = {**os.environ, "PYTHONPATH": f"{REPO}/src"}
+    for name in ("download", "split"):
+        result = subprocess.run(
+            [sys.executable, f"{REPO}/stages/{name}.py"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics" / "split.json").read_text())
+    assert metrics["skipped"] == 1 and metrics["train"]["total"] + metrics["val"]["total"] == 16
+    assert "skipped unreadable image imgs/cat/bad.png" in result.stderr

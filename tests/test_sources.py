@@ -1,0 +1,192 @@
+"""MNIST's idx files, folders of images, downloads of several files, and crafted archives."""
+
+import gzip
+import io
+import json
+import struct
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_cifar_archive
+from PIL import Image
+
+from transfer_study.data import make_splits
+from transfer_study.download import download_dataset
+from transfer_study.errors import UserError
+from transfer_study.params import DataParams
+from transfer_study.sources import DATASETS, read_cifar10, read_folder, read_mnist
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def write_idx(path, array):
+    """An idx file as MNIST ships it: gzipped, big-endian sizes, uint8 data."""
+    header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def write_mnist(folder, train=60, test=20, seed=0):
+    """The four MNIST files, with digits whose brightness depends on the label."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", train), ("t10k", test)):
+        labels = np.arange(n) % 10
+        images = np.clip(labels[:, None, None] * 25 + rng.normal(0, 5, (n, 28, 28)), 0, 255)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+def data_params(**fields):
+    defaults = {
+        "dataset": "cifar10",
+        "url": "official",
+        "md5": "official",
+        "path": "data/images",
+        "image_size": None,
+        "bad_images": "fail",
+        "val_fraction": 0.2,
+        "train_size": None,
+        "test_size": None,
+    }
+    return DataParams(**{**defaults, **fields})
+
+
+def test_mnist_reader_gives_grayscale_images(tmp_path):
+    train, test = read_mnist(write_mnist(tmp_path))
+    assert train.images.shape == (60, 1, 28, 28) and train.images.dtype == np.uint8
+    assert test.images.shape == (20, 1, 28, 28) and train.classes[3] == "3"
+    assert train.labels.tolist() == [i % 10 for i in range(60)]
+
+
+def test_mnist_truncated_file_is_named(tmp_path):
+    folder = write_mnist(tmp_path)
+    data = gzip.decompress((folder / "t10k-images-idx3-ubyte.gz").read_bytes())
+    (folder / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(data[:-100]))
+    with pytest.raises(UserError, match="t10k-images-idx3-ubyte.gz holds 15580 values"):
+        read_mnist(folder)
+
+
+def test_mnist_download_from_a_mirror_folder(tmp_path):
+    mirror = write_mnist(tmp_path / "mirror")
+    record = download_dataset(
+        data_params(dataset="mnist", url=str(mirror), md5=None), tmp_path / "raw"
+    )
+    assert sorted(record["files"]) == sorted(DATASETS["mnist"].files)
+    assert json.loads((tmp_path / "raw" / "source.json").read_text()) == record
+    train, _ = read_mnist(tmp_path / "raw")
+    assert len(train.labels) == 60
+
+
+def test_mnist_download_checks_the_official_md5s(tmp_path):
+    mirror = write_mnist(tmp_path / "mirror")
+    with pytest.raises(UserError, match="expected f68b3c2dcbeaaa9fbdd348bbdeb94873"):
+        download_dataset(data_params(dataset="mnist", url=str(mirror)), tmp_path / "raw")
+
+
+def test_official_sources_are_the_published_files():
+    assert DATASETS["cifar10"].base_url + "cifar-10-python.tar.gz" == (
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    )
+    assert DATASETS["mnist"].files["t10k-labels-idx1-ubyte.gz"] == (
+        "ec29112dd5afa0611ce80d1b7f02629c"
+    )
+
+
+def write_folder(root, classes=("cat", "dog", "frog"), per_class=6, suffix=".png"):
+    """Class folders of images of assorted sizes, coloured by class."""
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            size = (20 + 7 * i, 15 + 5 * i)
+            Image.new("RGB", size, (80 * label, 40, 200 - 60 * label)).save(
+                root / name / f"{i}{suffix}"
+            )
+    return root
+
+
+def test_folder_images_are_decoded_once_and_resized(tmp_path):
+    train, test, skipped = read_folder(write_folder(tmp_path / "imgs"), 16)
+    assert train.images.shape == (18, 3, 16, 16) and test is None and skipped == []
+    assert train.classes == ("cat", "dog", "frog")
+    assert train.images[train.labels == 1][:, 0].mean() == pytest.approx(80, abs=1)
+    splits = make_splits(train, test, 0.2, seed=0)  # no test/ folder: test drawn first
+    sizes = [len(splits[s].labels) for s in ("train", "val", "test")]
+    assert sizes == [11, 3, 4] and sum(sizes) == 18
+
+
+def test_folder_with_train_and_test_subfolders(tmp_path):
+    write_folder(tmp_path / "imgs" / "train", suffix=".jpg")
+    write_folder(tmp_path / "imgs" / "test", classes=("cat", "frog"), per_class=2)
+    train, test, _ = read_folder(tmp_path / "imgs", 12)
+    assert len(train.labels) == 18 and test.classes == train.classes
+    assert sorted(set(test.labels.tolist())) == [0, 2]  # test keeps train's class indices
+
+
+def test_folder_class_without_images_is_named(tmp_path):
+    root = write_folder(tmp_path / "imgs")
+    (root / "empty").mkdir()
+    with pytest.raises(UserError, match=f"class folder {root / 'empty'} holds no images"):
+        read_folder(root, 16)
+
+
+@pytest.mark.parametrize("bad_images", ["fail", "skip"])
+def test_corrupt_image_fails_or_is_skipped_by_param(tmp_path, bad_images):
+    root = write_folder(tmp_path / "imgs")
+    (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    if bad_images == "fail":
+        with pytest.raises(UserError, match="broken.jpg .*set data.bad_images: skip"):
+            read_folder(root, 16, bad_images)
+        return
+    train, _, skipped = read_folder(root, 16, bad_images)
+    assert len(train.labels) == 18 and skipped == [str(root / "dog" / "broken.jpg")]
+
+
+def test_single_class_dataset_is_refused(tmp_path):
+    train, test, _ = read_folder(write_folder(tmp_path / "imgs", classes=("cat",)), 16)
+    with pytest.raises(UserError, match=r"single class \(cat\): a classifier needs"):
+        make_splits(train, test, 0.2, seed=0)
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10-folder-sample").exists(), reason="no sample")
+def test_folder_reader_on_the_cifar_sample_folder():
+    train, test, skipped = read_folder(SHARED / "cifar10-folder-sample", 32)
+    assert (len(train.labels), len(test.labels), skipped) == (1000, 200, [])
+    assert train.classes[0] == "airplane" and len(train.classes) == 10
+    assert np.bincount(test.labels).tolist() == [20] * 10
+
+
+def crafted_archive(path, name, kind=tarfile.REGTYPE):
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo(name)
+        info.type = kind
+        if kind == tarfile.SYMTYPE:
+            info.linkname = "/etc/passwd"
+            tar.addfile(info)
+        else:
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"evil"))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "message"),
+    [
+        ("../../data_batch_1", tarfile.REGTYPE, "points outside the archive"),
+        ("/tmp/data_batch_1", tarfile.REGTYPE, "points outside the archive"),
+        ("cifar-10-batches-py/data_batch_1", tarfile.SYMTYPE, "is a link"),
+    ],
+)
+def test_crafted_archive_members_are_refused(tmp_path, name, kind, message):
+    path = crafted_archive(tmp_path / "evil.tar.gz", name, kind)
+    before = set(Path("/tmp").iterdir())
+    with pytest.raises(UserError, match=message):
+        read_cifar10(path)
+    assert set(Path("/tmp").iterdir()) == before  # nothing was written anywhere
+
+
+def test_official_layout_archive_still_reads(tmp_path):
+    train, _ = read_cifar10(write_cifar_archive(tmp_path / "a.tar.gz"))
+    assert len(train.labels) == 200
