@@ -110,8 +110,13 @@ def test_metrics_diff_shows_the_change(project):
 
 
 def test_mlp_architecture_reruns_only_the_mlp(project):
-    output = run(project, "dvc", "exp", "run", "-S", "mlp.hidden=[512,256]")
+    # ++: mlp.train is empty in params.yaml, and DVC only overrides keys that exist without it.
+    output = run(
+        project, "dvc", "exp", "run", "-S", "mlp.hidden=[512,256]", "-S", "++mlp.train.lr=0.01"
+    )
     assert stages_run(output) == ["evaluate", "report", "train_mlp"]
+    saved = torch.load(project / "models/mlp.pt", weights_only=True)
+    assert saved["config"]["section"]["train"]["lr"] == 0.01
 
 
 def test_vgg16_image_size_refeaturizes_only_vgg16(project):

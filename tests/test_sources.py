@@ -3,13 +3,17 @@
 import gzip
 import io
 import json
+import os
 import struct
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_cifar_archive
+import torch
+from conftest import REPO, write_cifar_archive, write_params
 from PIL import Image
 
 from transfer_study.data import make_splits
@@ -190,3 +194,46 @@ def test_crafted_archive_members_are_refused(tmp_path, name, kind, message):
 def test_official_layout_archive_still_reads(tmp_path):
     train, _ = read_cifar10(write_cifar_archive(tmp_path / "a.tar.gz"))
     assert len(train.labels) == 200
+
+
+def test_mnist_study_end_to_end_through_the_stages(tmp_path):
+    """download → split → train/featurize → evaluate → report on generated MNIST files: the
+    MLP sees 1 x 28 x 28 inputs, Lite0 the grayscale replicated to RGB."""
+    mirror = write_mnist(tmp_path / "mirror", train=200, test=50)
+    overrides = {
+        "models": ["mlp", "lite0"],
+        "data": {"dataset": "mnist", "url": str(mirror), "md5": None},
+        "train": {"batch_size": 32, "max_epochs": 2, "patience": 1},
+        "mlp": {"image_size": 28, "hidden": [128], "activation": "sigmoid"},
+        "lite0": {"weights": "none", "image_size": 32},
+    }
+    project = tmp_path / "project"
+    project.mkdir()
+    write_params(project / "params.yaml", overrides)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}/src"}
+    stages = (
+        "download",
+        "split",
+        "train mlp",
+        "featurize lite0",
+        "train lite0",
+        "evaluate",
+        "report",
+    )
+    for stage in stages:
+        script, *args = stage.split()
+        result = subprocess.run(
+            [sys.executable, f"{REPO}/stages/{script}.py", *args],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, f"{stage}: {result.stderr[-2000:]}"
+    metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
+    assert set(metrics) == {"mlp", "lite0"}
+    saved = torch.load(project / "models" / "mlp.pt", weights_only=True)
+    assert saved["config"]["data"]["shape"] == [1, 28, 28]
+    assert saved["state_dict"]["2.0.weight"].shape == (128, 28 * 28)
+    assert json.loads((project / "metrics" / "split.json").read_text())["test"]["total"] == 50
+    assert (project / "reports" / "misclassified_mlp.png").exists()

@@ -85,7 +85,11 @@ def misclassified_grid(name, predictions, images, path):
     for axis in axes.flat:
         axis.axis("off")
     for axis, (i, row) in zip(axes.flat, wrong.iterrows()):
-        axis.imshow(images[i].transpose(1, 2, 0))
+        pixels = images[i].transpose(1, 2, 0)
+        if pixels.shape[2] == 1:  # grayscale (MNIST)
+            axis.imshow(pixels[:, :, 0], cmap="gray", vmin=0, vmax=255)
+        else:
+            axis.imshow(pixels)
         axis.set_title(f"{row.predicted} {row.confidence:.0%}\n(is {row.actual})", fontsize=7)
     fig.suptitle(f"{name}: misclassified test images, most confident first", fontsize=9)
     _save(fig, path)
@@ -99,7 +103,10 @@ def write_report(models, out_dir=layout.REPORT_DIR):
     for name in models:
         train = json.loads(layout.train_metrics(name).read_text())
         histories[name] = pd.read_csv(layout.history_file(name))
-        predictions = pd.read_csv(layout.confusion_file(name))
+        # Class names stay strings, even digits (MNIST's "0".."9").
+        predictions = pd.read_csv(
+            layout.confusion_file(name), dtype={"actual": str, "predicted": str}
+        )
         confusion_plot(name, predictions, test.classes, out_dir / f"confusion_{name}.png")
         misclassified_grid(name, predictions, test.images, out_dir / f"misclassified_{name}.png")
         rows.append(
