@@ -114,3 +114,12 @@ def test_split_file_round_trip(archive, tmp_path):
     np.testing.assert_array_equal(loaded.images, train.images)
     np.testing.assert_array_equal(loaded.labels, train.labels)
     assert loaded.classes == CLASSES
+
+
+def test_reader_refuses_labels_out_of_range(tmp_path):
+    batch = {b"labels": [3, 10], b"data": np.zeros((2, 3072), dtype=np.uint8)}
+    path = write_cifar_archive(
+        tmp_path / "a.tar.gz", skip=("test_batch",), raw={"test_batch": pickle.dumps(batch, 2)}
+    )
+    with pytest.raises(UserError, match="labels outside 0..9"):
+        read_cifar10(path)

@@ -8,10 +8,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 
 import pytest
 import torch
+import yaml
 from conftest import REPO, TRAIN_KEYS, tiny_overrides, write_cifar_archive, write_params
 
 MODELS = ["mlp", "vgg16", "inception", "lite0"]  # in the study
@@ -140,3 +143,32 @@ def test_left_out_models_cost_nothing_and_leave_the_report(project):
     report = (project / "reports/report.md").read_text()
     assert "| lite0 |" in report and "| vgg16 |" not in report
     assert not (project / "reports/confusion_vgg16.png").exists()
+
+
+def test_interrupted_repro_leaves_nothing_complete_and_the_next_repro_finishes(project):
+    run(project, "git", "checkout", "-q", "--", ".")  # back to the committed results
+    run(project, "dvc", "checkout", "-q")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["mlp"]["train"] = {"max_epochs": 40, "patience": 40}  # long enough to interrupt
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(project / "src"), "DVC_NO_ANALYTICS": "1"}
+    repro = subprocess.Popen(
+        ["dvc", "repro", "train_mlp"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group, as a terminal's Ctrl+C reaches
+    )
+    last = project / "checkpoints" / "mlp" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not last.exists():
+        assert repro.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(repro.pid, signal.SIGINT)
+    assert repro.wait(timeout=60) != 0
+    assert "train_mlp" in run(project, "dvc", "status")  # not recorded as done
+    assert not list(project.rglob(".*.tmp*"))  # no half-written output anywhere
+    assert stages_run(run(project, "dvc", "repro")) == ["evaluate", "report", "train_mlp"]
+    assert json.loads((project / "metrics/train_mlp.json").read_text())["epochs"] == 40
+    assert "up to date" in run(project, "dvc", "status")
