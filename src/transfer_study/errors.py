@@ -23,6 +23,9 @@ def exit_on_user_error(main):
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         signal.signal(signal.SIGTERM, _interrupt)
+        # A job started in the background by a script inherits SIGINT ignored; `kill -INT`
+        # should still stop it like Ctrl+C.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             return main(*args, **kwargs)
         except UserError as error:
