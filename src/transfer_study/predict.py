@@ -2,7 +2,6 @@
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from . import layout
 from .errors import UserError
@@ -11,20 +10,17 @@ from .features import SKIPPED, prepare_extractor
 from .hardware import default_device, featurize_dtype
 from .models import feature_extractor
 from .params import uses_features
+from .sources import UNREADABLE_IMAGE, read_image
 from .training import load_trained
 
 
 def load_image(path, shape):
     """uint8 C x H x W pixels of an image file, as the model's training images were stored:
     RGB or grayscale by C, resized to H x W (a photo becomes what the model was trained on)."""
-    channels, height, width = shape
     try:
-        with Image.open(path) as image:
-            converted = image.convert("L" if channels == 1 else "RGB")
-            pixels = np.asarray(converted.resize((width, height), Image.BILINEAR))
-    except (OSError, UnidentifiedImageError) as error:
+        return read_image(path, shape)
+    except UNREADABLE_IMAGE as error:
         raise UserError(f"cannot read image {path} ({error})") from None
-    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
 @torch.inference_mode()

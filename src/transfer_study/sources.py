@@ -206,13 +206,24 @@ def _read_classes(folder, image_size, bad_images, skipped, classes=None):
     return Split(np.stack(images), np.array(labels, dtype=np.int64), classes)
 
 
+# What PIL raises for a file it cannot decode.
+UNREADABLE_IMAGE = (OSError, ValueError, Image.DecompressionBombError)
+
+
+def read_image(path, shape):
+    """uint8 C x H x W pixels of an image file: grayscale (C = 1) or RGB, resized to H x W."""
+    channels, height, width = shape
+    with Image.open(path) as image:
+        converted = image.convert("L" if channels == 1 else "RGB")
+        pixels = np.asarray(converted.resize((width, height), Image.BILINEAR))
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
 def _decode_image(path, image_size, bad_images):
     """uint8 3 x size x size pixels of one image file, or None if unreadable and skipped."""
     try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-            return np.asarray(rgb).transpose(2, 0, 1)
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        return read_image(path, (3, image_size, image_size))
+    except UNREADABLE_IMAGE as error:
         if bad_images == "skip":
             return None
         raise UserError(
