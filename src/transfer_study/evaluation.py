@@ -59,8 +59,8 @@ def evaluate_models(models, declared=()):
     results = {}
     for name in models:
         net, section, _ = load_trained(layout.model_file(name))
-        inputs, labels, classes = load_inputs(name, section, "test")
-        metrics, predictions = score(predict_logits(net, inputs), labels, classes)
+        inputs, test = load_inputs(name, section, "test")
+        metrics, predictions = score(predict_logits(net, inputs), test.labels, test.classes)
         with atomic_path(layout.confusion_file(name)) as tmp:
             predictions.to_csv(tmp, index=False)
         results[name] = metrics

@@ -114,9 +114,7 @@ class Classifier(pl.LightningModule):
 
     def configure_optimizers(self):
         lr = self.train_params.lr
-        groups = self.param_groups or [
-            {"params": [p for p in self.parameters() if p.requires_grad], "lr_scale": 1.0}
-        ]
+        groups = self.param_groups or [{"params": _trainable(self), "lr_scale": 1.0}]
         groups = [{"params": g["params"], "lr": lr * g["lr_scale"]} for g in groups]
         optimizer = build_optimizer(groups, self.train_params)
         scheduler = build_scheduler(optimizer, self.train_params)
@@ -261,11 +259,11 @@ def _trainable(module):
 
 
 def load_inputs(name, section, split):
-    """(inputs, labels, class names) of a split, as the model `name` consumes them."""
+    """(inputs as the model `name` consumes them, the split itself) of a split."""
     data = load_split(layout.split_file(split))
     if uses_features(section):
-        return np.load(layout.features_file(name, split)), data.labels, data.classes
-    return data.images, data.labels, data.classes
+        return np.load(layout.features_file(name, split)), data
+    return data.images, data
 
 
 def _flipped_features(name):
@@ -318,8 +316,9 @@ def train_model(name, params, callbacks=()):
     check_accelerator(train)
     enable_fast_cuda()
     pl.seed_everything(params.seed, workers=True)
-    train_x, train_y, classes = load_inputs(name, section, "train")
-    val_x, val_y, _ = load_inputs(name, section, "val")
+    train_x, train_data = load_inputs(name, section, "train")
+    val_x, val_data = load_inputs(name, section, "val")
+    train_y, val_y, classes = train_data.labels, val_data.labels, train_data.classes
     if train.batch_size > len(train_y):
         raise UserError(
             f"{name}.train.batch_size = {train.batch_size} is larger than the train split "
@@ -327,7 +326,7 @@ def train_model(name, params, callbacks=()):
         )
     features = uses_features(section)
     feature_meta = json.loads(layout.features_meta(name).read_text()) if features else {}
-    data_stats = _data_stats(load_split(layout.split_file("train")).images)
+    data_stats = _data_stats(train_data.images)
     net = build_net(name, section, len(classes), data_stats, feature_meta.get("feature_dim"))
     if train.compile:
         net.compile()  # in place: the state_dict keeps its keys; compiles at the first batch
