@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import torchvision
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
@@ -441,6 +442,10 @@ def _checkpoints(name, run_key, resume):
     if resume and last.exists() and key_file.exists() and key_file.read_text() == run_key:
         print(f"{name}: resuming from {last}", file=sys.stderr)
         return folder, str(last)
+    if rank_zero_only.rank != 0:
+        # A DDP process that Lightning started: the launching process (rank 0) has prepared the
+        # folder already, and emptying it now would delete what rank 0 writes there.
+        return folder, None
     if resume and last.exists():
         print(f"{name}: {last} is from another configuration; starting over", file=sys.stderr)
     shutil.rmtree(folder, ignore_errors=True)
