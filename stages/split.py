@@ -7,14 +7,14 @@ from transfer_study.atomic import write_json
 from transfer_study.data import make_splits, save_split, split_counts
 from transfer_study.errors import exit_on_user_error
 from transfer_study.params import load_params
-from transfer_study.sources import DATASETS
+from transfer_study.sources import read_dataset
 
 
 @exit_on_user_error
 def main():
     params = load_params()
     data = params.data
-    train, test, skipped = DATASETS[data.dataset].read(layout.RAW_DIR, data)
+    train, test, skipped = read_dataset(layout.RAW_DIR, data)
     splits = make_splits(
         train, test, data.val_fraction, params.seed, data.train_size, data.test_size
     )

@@ -3,17 +3,19 @@
 import sys
 
 from transfer_study.errors import exit_on_user_error
+from transfer_study.markers import skip_training
 from transfer_study.params import load_params
-from transfer_study.training import skip_training, train_model
 
 
 @exit_on_user_error
 def main(name):
     params = load_params()
-    if name in params.models:
-        train_model(name, params)
-    else:
-        skip_training(name)
+    if name not in params.models:
+        skip_training(name)  # markers, without importing torch
+        return
+    from transfer_study.training import train_model  # torch and Lightning: only to train
+
+    train_model(name, params)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,13 @@ def tiny_overrides(archive):
     }
 
 
+def only(*names):
+    """The `models` switches of params.yaml with just `names` in the study."""
+    with open(os.path.join(REPO, "params.yaml")) as file:
+        declared = yaml.safe_load(file)["models"]
+    return {name: name in names for name in declared}
+
+
 def write_params(path, overrides):
     """params.yaml of the repository with nested `overrides` applied."""
     with open(os.path.join(REPO, "params.yaml")) as file:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import REPO, tiny_overrides, write_params
+from conftest import REPO, only, tiny_overrides, write_params
 
 from transfer_study import layout
 from transfer_study.data import load_split, make_splits, save_split
@@ -31,7 +31,7 @@ def params(archive, **overrides):
 def run_study(folder, archive, monkeypatch):
     """split, featurize vgg16, train mlp and vgg16, evaluate: in a fresh folder."""
     monkeypatch.chdir(folder)
-    p = params(archive, models=["mlp", "vgg16"])
+    p = params(archive, models=only("mlp", "vgg16"))
     train, test = read_cifar10(archive)
     data = p.data
     splits = make_splits(train, test, data.val_fraction, p.seed, data.train_size, data.test_size)

@@ -13,7 +13,8 @@ PARAMS = f"{REPO}/params.yaml"
 
 def test_repository_params_parse():
     params = load_params(PARAMS)
-    assert params.models == ("mlp", "vgg16", "inception", "lite0")
+    assert params.models == ("mlp", "vgg16", "inception", "lite0")  # resnet50: false
+    assert list(params.model_sections) == [*params.models, "resnet50"]
     assert params.model("vgg16").image_size == 224 and params.model("inception").image_size == 299
 
 
@@ -28,7 +29,8 @@ def test_exponent_without_dot_is_a_float(tmp_path):
 
 
 def test_crop_may_stay_shared_while_frozen_backbones_sit_out():
-    params = load_params(PARAMS, {"models": ["mlp"], "train": {"crop": 4}})
+    left_out = {"vgg16": False, "inception": False, "lite0": False}
+    params = load_params(PARAMS, {"models": left_out, "train": {"crop": 4}})
     assert params.model("mlp").train.crop == 4
 
 
@@ -58,9 +60,15 @@ def test_model_train_section_overrides_only_that_model():
         ({"mlp": {"activation": "swish"}}, "mlp.activation = 'swish': accepts one of relu"),
         ({"mlp": {"train": {"lr": -1}}}, "mlp.train.lr = -1.0"),
         ({"data": {"val_fraction": 1.0}}, "data.val_fraction = 1.0: accepts a number in (0, 1)"),
-        ({"inception": {"image_size": 74}}, "inception.image_size = 74: accepts an integer >= 75"),
-        ({"models": ["mlp", "resnet"]}, "models lists 'resnet', which has no section"),
-        ({"resnet99": {}}, "unknown key 'resnet99' (valid: seed, models, data, train, or a"),
+        ({"mlp": {"image_size": 2}}, "mlp.image_size = 2: accepts an integer >= 4"),
+        ({"models": {"resnet": True}}, "models lists 'resnet', which has no section"),
+        ({"resnet99": {}}, "unknown key 'resnet99' (valid: seed, models, data, train, or the"),
+        ({"models": ["mlp", "lite0"]}, "models: expected a mapping of model name -> true or"),
+        ({"models": {"vgg16": "yes"}}, "models.vgg16: expected true or false, got 'yes'"),
+        (
+            {"models": {"mlp": False, "vgg16": False, "inception": False, "lite0": False}},
+            "models: every model is false; set at least one to true",
+        ),
         ({"vgg16": {"trainable_layers": -1}}, "vgg16.trainable_layers = -1: accepts an"),
         ({"vgg16": {"trainable_layers": "most"}}, "vgg16.trainable_layers = 'most'"),
         ({"vgg16": {"lr_decay": 1.5}}, "vgg16.lr_decay = 1.5: accepts a number in (0, 1]"),

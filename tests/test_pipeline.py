@@ -18,6 +18,7 @@ import yaml
 from conftest import REPO, TRAIN_KEYS, tiny_overrides, write_cifar_archive, write_params
 
 MODELS = ["mlp", "vgg16", "inception", "lite0"]  # in the study
+LEFT_OUT = ["inception", "vgg16"]  # by the left-out test
 DECLARED = [*MODELS, "resnet50"]  # with stages in dvc.yaml; resnet50's write markers only
 ALL_STAGES = [
     "download",
@@ -97,6 +98,20 @@ def test_second_repro_reruns_nothing(project):
     assert stages_run(run(project, "dvc", "repro")) == []
 
 
+def test_enabling_a_model_changes_only_its_stages_evaluate_and_report(project):
+    params = project / "params.yaml"
+    committed = params.read_text()
+    raw = yaml.safe_load(committed)
+    raw["models"]["resnet50"] = True
+    raw["resnet50"].update(weights="none", image_size=32)
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        changed = json.loads(run(project, "dvc", "status", "--json"))
+    finally:
+        params.write_text(committed)
+    assert sorted(changed) == ["evaluate", "featurize_resnet50", "report", "train_resnet50"]
+
+
 def test_new_lr_retrains_every_model_and_featurizes_nothing(project):
     output = run(project, "dvc", "exp", "run", "-S", "train.lr=1e-4")
     assert stages_run(output) == sorted(["evaluate", "report", *(f"train_{m}" for m in DECLARED)])
@@ -135,9 +150,12 @@ def test_plots_show_renders_curves_and_confusions(project):
     assert "Validation accuracy by epoch" in page and "mlp, test confusion" in page
 
 
-def test_left_out_models_cost_nothing_and_leave_the_report(project):
-    output = run(project, "dvc", "exp", "run", "-S", "models=[mlp,lite0]")
-    assert "train_vgg16" in stages_run(output)  # reruns, but only to write its markers
+def test_left_out_models_rerun_only_their_own_stages_and_leave_the_report(project):
+    output = run(project, "dvc", "exp", "run", "-S", "models={vgg16: false, inception: false}")
+    # Their stages rerun to write markers; mlp's and lite0's do not rerun at all.
+    assert stages_run(output) == sorted(
+        ["evaluate", "report", *(f"{s}_{m}" for s in ("featurize", "train") for m in LEFT_OUT)]
+    )
     assert json.loads((project / "metrics/train_vgg16.json").read_text()) == {"skipped": True}
     assert set(json.loads((project / "metrics/evaluate.json").read_text())) == {"mlp", "lite0"}
     report = (project / "reports/report.md").read_text()

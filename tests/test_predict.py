@@ -15,9 +15,11 @@ from transfer_study.data import load_split
 from transfer_study.errors import UserError
 from transfer_study.evaluation import predict_logits
 from transfer_study.features import featurize_model
+from transfer_study.markers import skip_training
+from transfer_study.networks import load_trained
 from transfer_study.params import deep_merge, load_params
 from transfer_study.predict import predict_files
-from transfer_study.training import load_trained, skip_training, train_model
+from transfer_study.training import train_model
 
 
 def params(archive, **overrides):

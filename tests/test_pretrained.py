@@ -7,7 +7,7 @@ in train mode or a wrong pooling would still pass every shape test, and only sho
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, only
 
 from transfer_study import layout
 from transfer_study.data import make_splits, save_split
@@ -35,7 +35,7 @@ def test_pretrained_lite0_features_beat_random_ones(tmp_path, monkeypatch):
     accuracy = {}
     for weights in ("imagenet", "none"):
         overrides = {
-            "models": ["lite0"],
+            "models": only("lite0"),
             "train": {"max_epochs": 30, "patience": 5, "batch_size": 64},
             "lite0": {"weights": weights, "image_size": SIZE},
         }

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, write_cifar_archive, write_params
+from conftest import REPO, only, write_cifar_archive, write_params
 from PIL import Image
 
 from transfer_study.data import make_splits
@@ -201,7 +201,7 @@ def test_mnist_study_end_to_end_through_the_stages(tmp_path):
     MLP sees 1 x 28 x 28 inputs, Lite0 the grayscale replicated to RGB."""
     mirror = write_mnist(tmp_path / "mirror", train=200, test=50)
     overrides = {
-        "models": ["mlp", "lite0"],
+        "models": only("mlp", "lite0"),
         "data": {"dataset": "mnist", "url": str(mirror), "md5": None},
         "train": {"batch_size": 32, "max_epochs": 2, "patience": 1},
         "mlp": {"image_size": 28, "hidden": [128], "activation": "sigmoid"},

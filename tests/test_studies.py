@@ -10,36 +10,44 @@ import yaml
 from conftest import REPO
 from torch import nn
 
-from transfer_study.nets import ACTIVATIONS
-from transfer_study.params import deep_merge, load_params
-from transfer_study.training import Classifier, build_net, param_groups
+from transfer_study.networks import build_net
+from transfer_study.params import ACTIVATIONS, deep_merge, load_params
+from transfer_study.training import Classifier, param_groups
 
+# `models` switches that leave one model in the study (from the committed params.yaml).
+ONLY_MLP = "-S 'models={vgg16: false, inception: false, lite0: false}'"
+ONLY_VGG16 = "-S 'models={mlp: false, inception: false, lite0: false}'"
+ONLY_INCEPTION = "-S 'models={mlp: false, vgg16: false, lite0: false}'"
+ONLY_RESNET50 = (
+    "-S 'models={mlp: false, vgg16: false, inception: false, lite0: false, resnet50: true}'"
+)
+ONLY_LITE0 = "-S 'models={mlp: false, vgg16: false, inception: false}'"
 # The commands as the README gives them (the test below checks that it does, verbatim).
 STUDIES = {
-    "mlp64": "dvc exp run -S 'models=[mlp]' -S mlp.image_size=64 -S 'mlp.hidden=[256,128]' "
+    "mlp64": f"dvc exp run {ONLY_MLP} -S mlp.image_size=64 -S 'mlp.hidden=[256,128]' "
     "-S mlp.activation=relu -S mlp.dropout=0 -S ++mlp.train.lr=1e-5 -S ++mlp.train.max_epochs=12 "
     "-S ++mlp.train.patience=5",
-    "variants": "dvc exp run -S 'models=[mlp]' -S 'mlp.hidden=[64,16]' -S mlp.dropout=0.5 "
+    "variants": f"dvc exp run {ONLY_MLP} -S 'mlp.hidden=[64,16]' -S mlp.dropout=0.5 "
     "-S ++mlp.train.l1=1e-5 -S ++mlp.train.weight_decay=1e-4 -S ++mlp.train.batch_size=1024",
-    "architectures": "dvc exp run -S 'models=[mlp]' -S 'mlp.hidden=[1536,768,384]' "
+    "architectures": f"dvc exp run {ONLY_MLP} -S 'mlp.hidden=[1536,768,384]' "
     "-S mlp.activation=relu -S mlp.dropout=0 -S ++mlp.train.optimizer=sgd -S ++mlp.train.lr=0.02 "
     "-S ++mlp.train.momentum=0.9 -S ++mlp.train.batch_size=32 -S ++mlp.train.max_epochs=50",
-    "activations": "dvc exp run --queue -S 'models=[mlp]' "
+    "activations": f"dvc exp run --queue {ONLY_MLP} "
     "-S 'mlp.activation=relu,leaky_relu,elu,silu,sigmoid,tanh'",
-    "optimizers": "dvc exp run --queue -S 'models=[mlp]' "
+    "optimizers": f"dvc exp run --queue {ONLY_MLP} "
     "-S 'train.optimizer=sgd,adam,adagrad,adadelta' -S train.scheduler=exponential "
     "-S train.gamma=0.9",
     "augmentation": "dvc exp run -S train.hflip=true -S ++mlp.train.crop=4",
-    "vgg16": "dvc exp run -S 'models=[vgg16]' -S 'vgg16.head.hidden=[50,20]' "
+    "vgg16": f"dvc exp run {ONLY_VGG16} -S 'vgg16.head.hidden=[50,20]' "
     "-S vgg16.head.activation=relu",
-    "inception": "dvc exp run -S 'models=[inception]'",
-    "resnet50": "dvc exp run -S 'models=[resnet50]'",
+    "inception": f"dvc exp run {ONLY_INCEPTION}",
+    "resnet50": f"dvc exp run {ONLY_RESNET50}",
     "search": "dvc exp run --queue -S 'train.lr=1e-2,1e-3,1e-4' -S 'train.batch_size=64,256' "
     "-S 'train.max_epochs=10,30'",
-    "mnist": "dvc exp run -S data.dataset=mnist -S 'models=[mlp]' -S mlp.image_size=28 "
+    "mnist": f"dvc exp run -S data.dataset=mnist {ONLY_MLP} -S mlp.image_size=28 "
     "-S 'mlp.hidden=[128]' -S mlp.activation=sigmoid -S mlp.dropout=0 "
     "-S ++mlp.train.optimizer=sgd -S ++mlp.train.lr=0.1",
-    "unfreeze": "dvc exp run -S 'models=[lite0]' -S lite0.trainable_layers=3 "
+    "unfreeze": f"dvc exp run {ONLY_LITE0} -S lite0.trainable_layers=3 "
     "-S lite0.lr_decay=0.7 -S ++lite0.train.lr=1e-4",
 }
 
@@ -54,7 +62,9 @@ def grid(command):
             continue
         key, value = assignment.split("=", 1)
         key = key.lstrip("+")  # ++key: add the key where params.yaml lacks it (Hydra syntax)
-        choices = value.split(",") if "--queue" in args and not value.startswith("[") else [value]
+        choices = (
+            value.split(",") if "--queue" in args and not value.startswith(("[", "{")) else [value]
+        )
         nested = [yaml.safe_load(choice) for choice in choices]
         for part in reversed(key.split(".")):
             nested = [{part: n} for n in nested]
@@ -127,7 +137,7 @@ def test_l1_l2_and_dropout_reach_training():
 def test_activation_and_optimizer_grids_reach_torch():
     for index, activation in enumerate(["relu", "leaky_relu", "elu", "silu", "sigmoid", "tanh"]):
         net = build_net("mlp", study("activations", index).model("mlp"), 10, STATS)
-        assert any(isinstance(m, ACTIVATIONS[activation]) for m in net.modules())
+        assert any(type(m).__name__ == ACTIVATIONS[activation] for m in net.modules())
     classes = [torch.optim.SGD, torch.optim.Adam, torch.optim.Adagrad, torch.optim.Adadelta]
     for index, cls in enumerate(classes):
         p = study("optimizers", index).model("mlp")
@@ -196,3 +206,18 @@ def test_partial_unfreezing_row():
     )
     groups = param_groups("lite0", p, net)
     assert [g["lr_scale"] for g in groups] == pytest.approx([1, 0.7, 0.49, 0.343])
+
+
+@pytest.mark.parametrize(
+    ("name", "models"),
+    [
+        ("mlp64", ("mlp",)),
+        ("vgg16", ("vgg16",)),
+        ("inception", ("inception",)),
+        ("resnet50", ("resnet50",)),
+        ("unfreeze", ("lite0",)),
+        ("augmentation", ("mlp", "vgg16", "inception", "lite0")),
+    ],
+)
+def test_each_row_studies_only_its_models(name, models):
+    assert study(name).models == models

@@ -16,9 +16,10 @@ from transfer_study.data import load_split
 from transfer_study.errors import UserError
 from transfer_study.evaluation import evaluate_models
 from transfer_study.features import featurize_model
-from transfer_study.optim import OPTIMIZERS
-from transfer_study.params import deep_merge, load_params
-from transfer_study.training import Classifier, build_net, load_trained, train_model
+from transfer_study.networks import build_net, load_trained
+from transfer_study.optim import optimizer_class
+from transfer_study.params import OPTIMIZERS, deep_merge, load_params
+from transfer_study.training import Classifier, train_model
 
 STATS = {"shape": [3, 32, 32], "mean": (0.5,) * 3, "std": (0.25,) * 3}  # what build_net needs
 
@@ -80,7 +81,7 @@ def test_optimizer_and_lr_reach_torch(optimizer, archive):
     section = params(archive, mlp={"train": {"optimizer": optimizer, "lr": "1e-4"}}).model("mlp")
     module = Classifier(build_net("mlp", section, 10, STATS), section.train, 10)
     built = module.configure_optimizers()
-    assert type(built) is OPTIMIZERS[optimizer][0]
+    assert type(built) is optimizer_class(optimizer)
     assert built.param_groups[0]["lr"] == 0.0001
 
 
@@ -171,7 +172,8 @@ def test_ddp_with_two_cpu_processes(workdir, archive):
 
 
 def test_featurize_caches_mirrored_train_features(workdir, archive):
-    from transfer_study.features import FLIPPED_TRAIN, featurize, prepare_extractor
+    from transfer_study.features import featurize, prepare_extractor
+    from transfer_study.layout import FLIPPED_TRAIN
     from transfer_study.models import feature_extractor
 
     section = params(archive).model("vgg16")

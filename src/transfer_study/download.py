@@ -12,9 +12,10 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
+from . import layout
 from .atomic import atomic_path, write_json
+from .datasets import DATASETS
 from .errors import UserError
-from .sources import DATASETS
 
 CHUNK = 1 << 20  # bytes per read
 ATTEMPTS = 4  # tries per file on transient network errors
@@ -115,8 +116,8 @@ def _open(url, timeout):
         with response:
             yield response, int(length) if length else None
         return
-    path = Path(parsed.path if parsed.scheme == "file" else url)
+    path = Path(parsed.path) if parsed.scheme == "file" else layout.user_path(url)
     if not path.is_file():
-        raise UserError(f"data.url = {url}: no such file")
+        raise UserError(f"data.url = {url}: no such file ({path})")
     with path.open("rb") as file:
         yield file, path.stat().st_size

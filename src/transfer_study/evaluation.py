@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from . import layout
 from .atomic import atomic_path, write_json
 from .hardware import autocast_dtype, default_device
-from .training import load_inputs, load_trained
+from .networks import load_inputs, load_trained
 
 BATCH_SIZE = 256  # images or feature rows per forward pass
 PREDICTION_COLUMNS = ["actual", "predicted", "confidence"]  # plots/confusion/<model>.csv

@@ -16,9 +16,6 @@ from .errors import UserError
 from .hardware import default_device, enable_fast_cuda, featurize_dtype
 from .models import backbone_spec, count_params, feature_extractor
 
-SKIPPED = {"skipped": True}  # what a left-out model's stages write: DVC wants every output
-FLIPPED_TRAIN = "train_flipped"  # features of the train images mirrored left-right
-
 # Images per backbone call, to start with: CPU batches only need to amortize Python overhead;
 # GPU batches aim to fill the device (VGG16 at 224 px in bf16 takes ~6 GiB for 256 images) and
 # halve on out-of-memory.
@@ -124,7 +121,7 @@ def featurize_model(name, section, hflip=False, splits=SPLITS):
     extractor = prepare_extractor(extractor, device)
     jobs = [(split, split, False) for split in splits]
     if hflip:
-        jobs.append((FLIPPED_TRAIN, "train", True))
+        jobs.append((layout.FLIPPED_TRAIN, "train", True))
     timings = {}
     for out_name, split, flip in jobs:
         images = load_split(layout.split_file(split)).images
@@ -163,11 +160,5 @@ def featurize_model(name, section, hflip=False, splits=SPLITS):
         "device": str(device) if world == 1 else f"{world} x {device.type}",
         "precision": "bf16" if featurize_dtype(device) else "fp32",
     }
-    write_json(layout.METRICS_DIR / f"featurize_{name}.json", metrics)
+    write_json(layout.featurize_metrics(name), metrics)
     return metrics
-
-
-def skip_featurize(name):
-    """The stage's outputs for a model left out of `models`: markers, no backbone pass."""
-    write_json(layout.features_meta(name), SKIPPED)
-    write_json(layout.METRICS_DIR / f"featurize_{name}.json", SKIPPED)

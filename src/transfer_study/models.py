@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from . import layout
 from .errors import UserError
 from .nets import Preprocess
 
@@ -48,7 +49,7 @@ def _generic_blocks(module):
 
 def _load_state(model, path):
     """Load a state_dict file (tensors only: nothing in it can run code) into `model`."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(layout.user_path(path), map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
@@ -152,11 +153,6 @@ BACKBONES = {
 }
 # Any other classification model of torchvision, by its name there (resnet50, convnext_tiny...).
 TORCHVISION_MODELS = tuple(n for n in tvm.list_models(module=tvm) if n not in ("inception_v3",))
-MLP_MIN_SIZE = 4  # pixels
-
-
-def is_model_name(name):
-    return name == "mlp" or name in BACKBONES or name in TORCHVISION_MODELS
 
 
 def backbone_spec(name):
@@ -220,6 +216,11 @@ def set_trainable_layers(name, body, trainable_layers):
 def feature_extractor(name, weights, image_size):
     """uint8 images -> flat features: preprocessing (resize, normalize) + the backbone body."""
     spec = backbone_spec(name)
+    if image_size < spec.input.min_size:
+        raise UserError(
+            f"{name}.image_size = {image_size}: accepts an integer >= {spec.input.min_size} "
+            f"(the smallest input {name} takes)"
+        )
     with torch.random.fork_rng(devices=[]):
         # `weights: none` then gives the same random backbone in every run and every process.
         torch.manual_seed(0)

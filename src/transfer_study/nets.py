@@ -4,22 +4,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS = {
-    "relu": nn.ReLU,
-    "leaky_relu": nn.LeakyReLU,
-    "elu": nn.ELU,
-    "silu": nn.SiLU,
-    "gelu": nn.GELU,
-    "sigmoid": nn.Sigmoid,
-    "tanh": nn.Tanh,
-}
+from .params import ACTIVATIONS
+
+
+def activation_layer(name):
+    """A new instance of the activation params.yaml calls `name`."""
+    return getattr(nn, ACTIVATIONS[name])()
 
 
 def mlp(in_features, hidden, num_classes, activation, dropout):
     """Linear layers of widths `hidden`, each with activation and dropout, then the logits."""
     layers = []
     for width in hidden:
-        layers += [nn.Linear(in_features, width), ACTIVATIONS[activation]()]
+        layers += [nn.Linear(in_features, width), activation_layer(activation)]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         in_features = width

@@ -1,24 +1,22 @@
-"""Optimizer and learning-rate schedule registries, built from TrainParams."""
+"""Optimizers and learning-rate schedules, built from TrainParams (names: params.OPTIMIZERS)."""
 
 import torch
 
-# name -> (class, extra kwargs taken from TrainParams)
-OPTIMIZERS = {
-    "adam": (torch.optim.Adam, ()),
-    "adamw": (torch.optim.AdamW, ()),
-    "sgd": (torch.optim.SGD, ("momentum",)),
-    "rmsprop": (torch.optim.RMSprop, ("momentum",)),
-    "adagrad": (torch.optim.Adagrad, ()),
-    "adadelta": (torch.optim.Adadelta, ()),
-}
-SCHEDULERS = ("none", "exponential", "cosine")
+from .params import OPTIMIZERS
+
+
+def optimizer_class(name):
+    """The torch.optim class params.yaml calls `name`."""
+    return getattr(torch.optim, OPTIMIZERS[name][0])
 
 
 def build_optimizer(parameters, train):
     """The optimizer named by train.optimizer over `parameters` (trainable ones only)."""
-    cls, extra = OPTIMIZERS[train.optimizer]
+    extra = OPTIMIZERS[train.optimizer][1]
     kwargs = {name: getattr(train, name) for name in extra}
-    return cls(parameters, lr=train.lr, weight_decay=train.weight_decay, **kwargs)
+    return optimizer_class(train.optimizer)(
+        parameters, lr=train.lr, weight_decay=train.weight_decay, **kwargs
+    )
 
 
 def build_scheduler(optimizer, train):

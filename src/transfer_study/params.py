@@ -10,15 +10,34 @@ from pathlib import Path
 
 import yaml
 
+from . import layout
+from .datasets import BAD_IMAGES, DATASETS
 from .errors import UserError
-from .models import MLP_MIN_SIZE, backbone_spec, is_model_name
-from .nets import ACTIVATIONS
-from .optim import OPTIMIZERS, SCHEDULERS
-from .sources import BAD_IMAGES, DATASETS
 
+# What each key accepts. No torch here: a stage decides what to do before paying for its import.
+ACTIVATIONS = {  # name -> torch.nn class
+    "relu": "ReLU",
+    "leaky_relu": "LeakyReLU",
+    "elu": "ELU",
+    "silu": "SiLU",
+    "gelu": "GELU",
+    "sigmoid": "Sigmoid",
+    "tanh": "Tanh",
+}
+OPTIMIZERS = {  # name -> (torch.optim class, the TrainParams fields it takes besides lr and L2)
+    "adam": ("Adam", ()),
+    "adamw": ("AdamW", ()),
+    "sgd": ("SGD", ("momentum",)),
+    "rmsprop": ("RMSprop", ("momentum",)),
+    "adagrad": ("Adagrad", ()),
+    "adadelta": ("Adadelta", ()),
+}
+SCHEDULERS = ("none", "exponential", "cosine")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 STRATEGIES = ("auto", "ddp", "ddp_spawn")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true")
+MLP_MIN_SIZE = 4  # pixels; a backbone's smallest input is its registry entry's (models.py)
+COMMON_KEYS = ("seed", "models", "data", "train")
 
 
 class ParamsError(UserError):
@@ -94,10 +113,10 @@ class BackboneParams:
 @dataclass(frozen=True)
 class Params:
     seed: int
-    models: tuple[str, ...]
+    models: tuple[str, ...]  # the models in the study (`models: {name: true}`), in report order
     data: DataParams
     train: TrainParams
-    model_sections: dict  # model name -> MlpParams | BackboneParams
+    model_sections: dict  # every model of `models`, in or out -> MlpParams | BackboneParams
 
     def model(self, name):
         return self.model_sections[name]
@@ -120,22 +139,25 @@ def load_params(path="params.yaml", overrides=None):
 def parse_params(raw):
     if not isinstance(raw, dict):
         raise ParamsError("params.yaml must be a mapping of keys to values")
-    common = ("seed", "models", "data", "train")
-    for key in raw:
-        if key not in common and not is_model_name(key):
-            raise ParamsError(
-                f"unknown key '{key}' (valid: {', '.join(common)}, or a model's section: mlp, "
-                "vgg16, inception, lite0, or a torchvision classification model such as resnet50)"
-            )
-    for key in common:
+    for key in COMMON_KEYS:
         if key not in raw:
             raise ParamsError(f"missing key '{key}'")
+    switches = _parse_models(raw["models"])
+    for key in raw:
+        if key not in COMMON_KEYS and key not in switches:
+            raise ParamsError(
+                f"unknown key '{key}' (valid: {', '.join(COMMON_KEYS)}, or the section of a "
+                f"model listed in `models`: {', '.join(switches)})"
+            )
+    for name in switches:
+        if name not in raw:
+            raise ParamsError(f"models lists '{name}', which has no section in params.yaml")
     shared_train = raw["train"]
     # The shared section first, so that its errors name `train.<key>`, not a model's copy.
     train = _parse(TrainParams, shared_train, "train")
     _validate_train(train, "train")
     sections = {}
-    for name in (key for key in raw if key not in common):
+    for name in switches:
         section = raw[name]
         if not isinstance(section, dict):
             raise ParamsError(f"{name}: expected a mapping, got {section!r}")
@@ -144,13 +166,30 @@ def parse_params(raw):
         sections[name] = parse_section(name, merged)
     params = Params(
         seed=_coerce(int, raw["seed"], "seed"),
-        models=_coerce(tuple[str, ...], raw["models"], "models"),
+        models=tuple(name for name, on in switches.items() if on),
         data=_parse(DataParams, raw["data"], "data"),
         train=train,
         model_sections=sections,
     )
     _validate(params)
     return params
+
+
+def _parse_models(raw):
+    """`models`: model name -> true (in the study) or false. One leaf per model, so that each
+    model's stages depend on its own switch alone."""
+    if not isinstance(raw, dict) or not raw:
+        raise ParamsError(
+            f"models: expected a mapping of model name -> true or false (e.g. {{mlp: true, "
+            f"vgg16: false}}; on the command line -S models.vgg16=false), got {raw!r}"
+        )
+    for name, on in raw.items():
+        if not isinstance(name, str) or name in COMMON_KEYS:
+            raise ParamsError(f"models: {name!r} is not a model name")
+        _coerce(bool, on, f"models.{name}")
+    if not any(raw.values()):
+        raise ParamsError("models: every model is false; set at least one to true")
+    return raw
 
 
 def parse_section(name, raw):
@@ -288,7 +327,7 @@ def _validate_backbone(name, section):
     _validate_layers(section.head, f"{name}.head")
     weights = section.weights
     _check(
-        weights in ("imagenet", "none") or Path(weights).is_file(),
+        weights in ("imagenet", "none") or layout.user_path(weights).is_file(),
         f"{name}.weights",
         weights,
         "imagenet, none or the path of an existing state_dict file",
@@ -310,26 +349,18 @@ def _validate(params):
     for name in ("train_size", "test_size"):
         value = getattr(data, name)
         _check(value is None or value >= 10, f"data.{name}", value, "null or an integer >= 10")
-    _check(
-        len(params.models) > 0 and len(set(params.models)) == len(params.models),
-        "models",
-        list(params.models),
-        "a non-empty list of distinct model names",
-    )
-    for name in params.models:
-        if name not in params.model_sections:
-            raise ParamsError(
-                f"models lists '{name}', which has no section in params.yaml (models with "
-                f"one: {', '.join(params.model_sections)})"
-            )
     for name, section in params.model_sections.items():
         _validate_train(section.train, f"{name}.train")
         if name == "mlp":
             _validate_layers(section, name)
-            min_size = MLP_MIN_SIZE
+            _check(
+                section.image_size >= MLP_MIN_SIZE,
+                "mlp.image_size",
+                section.image_size,
+                f"an integer >= {MLP_MIN_SIZE}",
+            )
         else:
             _validate_backbone(name, section)
-            min_size = backbone_spec(name).input.min_size
             # Only for models in the study, so that a shared train.crop can still be set while
             # frozen backbones sit out.
             crops_features = section.trainable_layers == 0 and section.train.crop > 0
@@ -340,9 +371,3 @@ def _validate(params):
                 f"0 while {name}.trainable_layers is 0: cached features cannot be cropped (crop "
                 f"only the models that see pixels, e.g. mlp.train.crop, or fine-tune {name})",
             )
-        _check(
-            section.image_size >= min_size,
-            f"{name}.image_size",
-            section.image_size,
-            f"an integer >= {min_size} (the smallest input {name} takes)",
-        )

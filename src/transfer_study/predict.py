@@ -6,12 +6,13 @@ import torch
 from . import layout
 from .errors import UserError
 from .evaluation import predict_logits
-from .features import SKIPPED, prepare_extractor
+from .features import prepare_extractor
 from .hardware import default_device, featurize_dtype
+from .markers import is_skipped
 from .models import feature_extractor
+from .networks import load_trained
 from .params import uses_features
 from .sources import UNREADABLE_IMAGE, read_image
-from .training import load_trained
 
 
 def load_image(path, shape):
@@ -29,7 +30,7 @@ def predict_files(name, paths, top=3):
     path = layout.model_file(name)
     if not path.exists():
         raise UserError(f"{path} does not exist: train it first (dvc repro train_{name})")
-    if torch.load(path, weights_only=True) == SKIPPED:
+    if is_skipped(path):
         raise UserError(f"{name} was left out of `models` in the last run: no trained model")
     net, section, config = load_trained(path)
     inputs = torch.from_numpy(np.stack([load_image(p, config["data"]["shape"]) for p in paths]))

@@ -1,5 +1,4 @@
-"""Dataset registry: each dataset's official files (with md5s) and the reader that turns them
-into train/test Splits: CIFAR-10's python archive, MNIST's idx files, folders of images."""
+"""Dataset readers: CIFAR-10's python archive, MNIST's idx files, folders of images -> Splits."""
 
 import codecs
 import gzip
@@ -8,8 +7,6 @@ import pickle
 import struct
 import tarfile
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -17,6 +14,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .data import Split
+from .datasets import DATASETS
 from .errors import UserError
 
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -150,7 +148,6 @@ def read_mnist(folder):
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
-BAD_IMAGES = ("fail", "skip")
 
 
 def read_folder(root, image_size, bad_images="fail"):
@@ -231,34 +228,12 @@ def _decode_image(path, image_size, bad_images):
         ) from None
 
 
-@dataclass(frozen=True)
-class DatasetSource:
-    """Where a dataset comes from and how its downloaded files become (train, test, skipped)."""
-
-    base_url: str | None  # official location of `files`; None: nothing to download
-    files: dict  # file name -> official md5
-    read: Callable  # (download folder, DataParams) -> (train, test or None, skipped files)
-
-
-DATASETS = {
-    "cifar10": DatasetSource(
-        "https://www.cs.toronto.edu/~kriz/",
-        {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"},
-        lambda folder, data: (*read_cifar10(folder / "cifar-10-python.tar.gz"), []),
-    ),
-    # torchvision's mirror: the original host often refuses scripted downloads.
-    "mnist": DatasetSource(
-        "https://ossci-datasets.s3.amazonaws.com/mnist/",
-        {
-            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
-        },
-        lambda folder, data: (*read_mnist(folder), []),
-    ),
-    # The user's own images, read where they lie (data.path); nothing to download.
-    "folder": DatasetSource(
-        None, {}, lambda folder, data: read_folder(data.path, data.image_size, data.bad_images)
-    ),
-}
+def read_dataset(folder, data):
+    """(train Split, test Split or None, unreadable files skipped) of data.dataset, from the
+    files `download` wrote into `folder` (a folder dataset: from data.path)."""
+    if data.dataset == "cifar10":
+        (archive,) = DATASETS["cifar10"].files
+        return (*read_cifar10(Path(folder) / archive), [])
+    if data.dataset == "mnist":
+        return (*read_mnist(Path(folder)), [])
+    return read_folder(data.path, data.image_size, data.bad_images)

@@ -17,21 +17,19 @@ import torchvision
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
-from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
 from . import layout
 from .atomic import atomic_path, write_json
-from .data import channel_stats, load_split
 from .errors import UserError
-from .features import FLIPPED_TRAIN, SKIPPED
 from .hardware import enable_fast_cuda
-from .models import backbone_spec, count_params, feature_extractor, set_trainable_layers
-from .nets import Preprocess, augment, mlp
+from .models import backbone_spec, count_params
+from .nets import augment
+from .networks import build_net, data_stats, load_inputs
 from .optim import build_optimizer, build_scheduler
-from .params import MlpParams, parse_section, uses_features
+from .params import MlpParams, uses_features
 
 # Tensors already in memory need no loader workers; Lightning's hint says otherwise.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -212,31 +210,6 @@ class InMemoryData(pl.LightningDataModule):
         return self._loader(self.val, shuffle=False)
 
 
-def build_net(name, section, num_classes, data_stats, feature_dim=None, weights=None):
-    """The trainable network for a model section. `data_stats` ({"shape": [C, H, W], "mean",
-    "std"} of the train images) sizes and normalizes the MLP's input. `weights` overrides
-    section.weights (loading a trained model needs no ImageNet download: its state_dict replaces
-    them)."""
-    if isinstance(section, MlpParams):
-        size = section.image_size
-        channels = data_stats["shape"][0]
-        return nn.Sequential(
-            Preprocess(size, data_stats["mean"], data_stats["std"]),
-            nn.Flatten(),
-            mlp(channels * size * size, *_layers(section, num_classes)),
-        )
-    if uses_features(section):
-        return mlp(feature_dim, *_layers(section.head, num_classes))
-    extractor = feature_extractor(name, weights or section.weights, section.image_size)
-    set_trainable_layers(name, extractor[1], section.trainable_layers)
-    head = mlp(backbone_spec(name).feature_dim, *_layers(section.head, num_classes))
-    return nn.Sequential(extractor, head)
-
-
-def _layers(section, num_classes):
-    return section.hidden, num_classes, section.activation, section.dropout
-
-
 def param_groups(name, section, net):
     """Optimizer groups for layer-wise lr decay: the head at lr, each trainable backbone block
     below it at lr * lr_decay**depth (depth 1 = the top block). None: one group at lr."""
@@ -259,16 +232,8 @@ def _trainable(module):
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def load_inputs(name, section, split):
-    """(inputs as the model `name` consumes them, the split itself) of a split."""
-    data = load_split(layout.split_file(split))
-    if uses_features(section):
-        return np.load(layout.features_file(name, split)), data
-    return data.images, data
-
-
 def _flipped_features(name):
-    path = layout.features_file(name, FLIPPED_TRAIN)
+    path = layout.features_file(name, layout.FLIPPED_TRAIN)
     if not path.exists():
         raise UserError(
             f"{name}.train.hflip is true but {path} is missing: set the shared train.hflip: true "
@@ -327,8 +292,8 @@ def train_model(name, params, callbacks=()):
         )
     features = uses_features(section)
     feature_meta = json.loads(layout.features_meta(name).read_text()) if features else {}
-    data_stats = _data_stats(train_data.images)
-    net = build_net(name, section, len(classes), data_stats, feature_meta.get("feature_dim"))
+    stats = data_stats(train_data.images)
+    net = build_net(name, section, len(classes), stats, feature_meta.get("feature_dim"))
     if train.compile:
         net.compile()  # in place: the state_dict keeps its keys; compiles at the first batch
     groups = param_groups(name, section, net)
@@ -385,7 +350,7 @@ def train_model(name, params, callbacks=()):
         "name": name,
         "section": dataclasses.asdict(section),
         "classes": list(classes),
-        "data": data_stats,
+        "data": stats,
         "feature_dim": feature_meta.get("feature_dim"),
         "seed": params.seed,
     }
@@ -419,12 +384,6 @@ def train_model(name, params, callbacks=()):
     return metrics
 
 
-def _data_stats(train_images):
-    """What the MLP needs to know of its input, saved with the model: shape and channel stats."""
-    mean, std = channel_stats(train_images)
-    return {"shape": list(train_images.shape[1:]), "mean": mean, "std": std}
-
-
 def _run_key(section, seed, arrays):
     """Fingerprint of everything a run's result depends on, but train.resume itself."""
     config = dataclasses.asdict(section)
@@ -454,18 +413,6 @@ def _checkpoints(name, run_key, resume):
     return folder, None
 
 
-HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
-
-
-def skip_training(name):
-    """The stage's outputs for a model left out of `models`: markers, no training."""
-    with atomic_path(layout.model_file(name)) as tmp:
-        torch.save(SKIPPED, tmp)
-    write_json(layout.train_metrics(name), SKIPPED)
-    with atomic_path(layout.history_file(name)) as tmp:
-        pd.DataFrame(columns=HISTORY_COLUMNS).to_csv(tmp, index=False)
-
-
 def _epoch_history(csv_paths):
     """Lightning's CSV logs (train and val rows apart; one file per attempt, a resumed run's
     last) -> one row per epoch, 1-based."""
@@ -484,20 +431,3 @@ def _epoch_history(csv_paths):
 def _device_name(trainer):
     device = trainer.strategy.root_device
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def load_trained(path):
-    """(network in eval mode, its model section, config) from a file written by train_model."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    config = saved["config"]
-    section = parse_section(config["name"], config["section"])
-    net = build_net(
-        config["name"],
-        section,
-        len(config["classes"]),
-        config["data"],
-        config["feature_dim"],
-        weights="none",
-    )
-    net.load_state_dict(saved["state_dict"])
-    return net.eval(), section, config

@@ -1,0 +1,33 @@
+"""Markers: what a left-out model's stages write (DVC wants every output), without torch."""
+
+import json
+
+from . import layout
+from .atomic import write_json, write_text
+
+SKIPPED = {"skipped": True}
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")  # plots/history/
+
+
+def skip_featurize(name):
+    """featurize_<name>'s outputs, without a backbone pass."""
+    write_json(layout.features_meta(name), SKIPPED)
+    write_json(layout.featurize_metrics(name), SKIPPED)
+
+
+def skip_training(name):
+    """train_<name>'s outputs, without training: a marker in place of the model file, and a
+    history with no epochs."""
+    write_json(layout.model_file(name), SKIPPED)
+    write_json(layout.train_metrics(name), SKIPPED)
+    write_text(layout.history_file(name), ",".join(HISTORY_COLUMNS) + "\n")
+
+
+def is_skipped(path):
+    """Whether `path` holds a marker (only its first bytes are read: a model file is large)."""
+    with open(path, "rb") as file:
+        head = file.read(64)
+    try:
+        return json.loads(head) == SKIPPED
+    except ValueError:  # binary or longer: a real file
+        return False

@@ -1,0 +1,85 @@
+"""dvc.yaml lists exactly the package code each stage runs: derived from the imports with `ast`,
+so that editing a module reruns every stage that imports it, and no other."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+ROOT = Path(REPO)
+PACKAGE = ROOT / "src" / "transfer_study"
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def _imported_modules(path):
+    """The package's modules that the file at `path` imports, anywhere in it (also inside
+    functions: a stage imports its heavy modules only once it knows it needs them)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0 and not (node.module or "").startswith("transfer_study"):
+                continue
+            relative = f"transfer_study.{node.module or ''}".rstrip(".")
+            base = relative if node.level else node.module
+            # `from transfer_study import layout` imports a module; `from .x import y`, module x.
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "transfer_study" and len(parts) == 2:
+                if (PACKAGE / f"{parts[1]}.py").exists():
+                    found.add(parts[1])
+    return found
+
+
+def package_closure(script):
+    """Every package module that running `script` imports, transitively, as dvc.yaml deps."""
+    todo, seen = list(_imported_modules(script)), set()
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += _imported_modules(PACKAGE / f"{module}.py")
+    return {f"src/transfer_study/{m}.py" for m in seen}
+
+
+def test_package_init_runs_nothing():
+    """Every import runs __init__.py, which no stage lists: it must stay a bare docstring."""
+    body = ast.parse((PACKAGE / "__init__.py").read_text()).body
+    assert len(body) <= 1 and all(isinstance(n, ast.Expr) for n in body)
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_stage_lists_exactly_the_code_it_runs(stage):
+    spec = STAGES[stage]
+    script = re.match(r"python (stages/\w+\.py)", spec["cmd"]).group(1)
+    listed = {d for d in spec["deps"] if isinstance(d, str) and d.startswith("src/")}
+    assert script in spec["deps"]
+    assert listed == package_closure(ROOT / script), (
+        f"{stage}: missing {sorted(package_closure(ROOT / script) - listed)}, "
+        f"not imported {sorted(listed - package_closure(ROOT / script))}"
+    )
+
+
+def test_closure_follows_imports_inside_functions():
+    # stages/train.py imports the trainer only once it knows the model is in the study.
+    assert "src/transfer_study/training.py" in package_closure(ROOT / "stages/train.py")
+
+
+@pytest.mark.parametrize(
+    ("script", "kept_out"),
+    [
+        ("stages/download.py", {"models", "nets", "training", "sources"}),
+        ("stages/evaluate.py", {"training"}),
+        ("stages/report.py", {"models", "training"}),
+    ],
+)
+def test_stages_import_only_what_their_job_needs(script, kept_out):
+    modules = package_closure(ROOT / script)
+    assert not {f"src/transfer_study/{m}.py" for m in kept_out} & modules
