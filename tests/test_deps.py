@@ -2,12 +2,18 @@
 so that editing a module reruns every stage that imports it, and no other."""
 
 import ast
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import REPO
+
+from transfer_study.markers import is_skipped
 
 ROOT = Path(REPO)
 PACKAGE = ROOT / "src" / "transfer_study"
@@ -83,3 +89,28 @@ def test_closure_follows_imports_inside_functions():
 def test_stages_import_only_what_their_job_needs(script, kept_out):
     modules = package_closure(ROOT / script)
     assert not {f"src/transfer_study/{m}.py" for m in kept_out} & modules
+
+
+@pytest.mark.parametrize(("script", "name"), [("featurize", "resnet50"), ("train", "resnet50")])
+def test_a_left_out_models_stage_writes_markers_without_importing_torch(tmp_path, script, name):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())  # resnet50: false
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = ['stages/{script}.py', '{name}']\n"
+        f"runpy.run_path('{ROOT}/stages/{script}.py', run_name='__main__')\n"
+        "print(sorted(m for m in ('torch', 'numpy', 'pytorch_lightning') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[-2] == "[]"
+    outputs = {"featurize": [f"features/{name}/meta.json", f"metrics/featurize_{name}.json"]}
+    outputs["train"] = [f"models/{name}.pt", f"metrics/train_{name}.json"]
+    for path in outputs[script]:
+        assert json.loads((tmp_path / path).read_text()) == {"skipped": True}
+    if script == "train":
+        assert is_skipped(tmp_path / f"models/{name}.pt")
+        header = (tmp_path / f"plots/history/{name}.csv").read_text()
+        assert header == "epoch,train_loss,train_acc,val_loss,val_acc\n"

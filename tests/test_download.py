@@ -131,3 +131,16 @@ def test_a_silent_server_times_out_instead_of_hanging(flaky_server, tmp_path, mo
 def test_not_found_is_not_retried(http_url, tmp_path):
     with pytest.raises(UserError, match="HTTP 404"):
         fetch(http_url.replace("cifar.tar.gz", "nope.tar.gz"), tmp_path / "a.tar.gz", backoff=60)
+
+
+def test_a_relative_path_means_the_same_in_a_queued_experiments_copy(source, tmp_path, monkeypatch):
+    # `dvc exp run --queue` runs in <project>/.dvc/tmp/exps/<tmp>/; ../mirror is beside <project>.
+    copy = tmp_path / "project" / ".dvc" / "tmp" / "exps" / "tmpq1w2e3"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    fetch("../mirror/cifar.tar.gz", copy / "got.tar.gz", MD5)
+    assert (copy / "got.tar.gz").read_bytes() == PAYLOAD
+    monkeypatch.chdir(tmp_path / "project")  # the workspace itself: the same path, the same file
+    fetch("../mirror/cifar.tar.gz", tmp_path / "project" / "got.tar.gz", MD5)
+    with pytest.raises(UserError, match=r"data.url = \.\./nothing.tar.gz: no such file \(/"):
+        fetch("../nothing.tar.gz", copy / "none.tar.gz")

@@ -190,3 +190,37 @@ def test_interrupted_repro_leaves_nothing_complete_and_the_next_repro_finishes(p
     assert stages_run(run(project, "dvc", "repro")) == ["evaluate", "report", "train_mlp"]
     assert json.loads((project / "metrics/train_mlp.json").read_text())["epochs"] == 40
     assert "up to date" in run(project, "dvc", "status")
+
+
+def test_queued_grid_runs_from_a_fresh_clone_with_a_relative_data_url(project, tmp_path):
+    """Queued experiments run in a copy under .dvc/tmp/exps/; `data.url` relative to the
+    project must still find the archive beside it."""
+    clone = tmp_path / "clone"
+    run(tmp_path, "git", "clone", "-q", str(project), str(clone))
+    run(clone, "git", "config", "user.name", "test")
+    run(clone, "git", "config", "user.email", "test@example.com")
+    (tmp_path / "mirror").mkdir()
+    write_cifar_archive(tmp_path / "mirror" / "cifar.tar.gz")
+    run(
+        clone,
+        *("dvc", "exp", "run", "--queue", "-S", "data.url=../mirror/cifar.tar.gz"),
+        *("-S", "models={vgg16: false, inception: false, lite0: false}"),
+        *("-S", "train.lr=1e-3,1e-1"),
+    )
+    run(clone, "dvc", "queue", "start")
+    deadline = time.monotonic() + 600
+    while re.search(r"\b(Queued|Running)\b", status := run(clone, "dvc", "queue", "status")):
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    failed = re.findall(r"^\w+\s+(\S+)\s.*\bFailed\b", status, flags=re.M)
+    assert not failed, status + "".join(run(clone, "dvc", "queue", "logs", n) for n in failed)
+    assert len(re.findall(r"\bSuccess\b", status)) == 2, status
+    shown = json.loads(run(clone, "dvc", "exp", "show", "--json"))
+    results = {}
+    for baseline in shown:
+        for experiment in baseline.get("experiments") or []:
+            data = experiment["revs"][0]["data"]
+            lr = data["params"]["params.yaml"]["data"]["train"]["lr"]
+            results[lr] = data["metrics"]["metrics/evaluate.json"]["data"]["mlp"]
+    assert set(results) == {0.001, 0.1}
+    assert results[0.001] != results[0.1]
