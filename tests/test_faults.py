@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import REPO, only, tiny_overrides, write_params
+from conftest import REPO, RunsCode, only, tiny_overrides, write_params
 
 from transfer_study import layout
 from transfer_study.data import load_split, make_splits, save_split
@@ -111,6 +111,22 @@ def test_resume_ignores_a_checkpoint_of_another_configuration(workdir, archive):
         train_model("mlp", params(archive, train={"max_epochs": 4}), callbacks=[Interrupt(2)])
     p = params(archive, train={"max_epochs": 4, "resume": True, "lr": 0.01})
     assert not train_model("mlp", p)["resumed"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "tampered"])
+def test_resume_from_a_damaged_checkpoint_starts_over(workdir, archive, damage, capfd):
+    settings = {"max_epochs": 4, "patience": 4, "resume": True}
+    with pytest.raises(RuntimeError, match="killed"):
+        train_model("mlp", params(archive, train=settings), callbacks=[Interrupt(3)])
+    last, sentinel = layout.checkpoint_dir("mlp") / "last.ckpt", workdir / "sentinel"
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[:1000])
+    else:
+        torch.save({"state_dict": RunsCode(sentinel), "rng_state": 0, "loops": {}}, last)
+    metrics = train_model("mlp", params(archive, train=settings))
+    assert not metrics["resumed"] and metrics["epochs"] == 4
+    assert "last.ckpt is damaged or not a checkpoint; starting over" in capfd.readouterr().err
+    assert not sentinel.exists()
 
 
 def stage(workdir, *args):

@@ -1,13 +1,17 @@
 """`python -m transfer_study predict`: top-3 classes of image files with a trained model."""
 
+import csv
+import io
+import json
 import os
+import pickle
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, REPO, tiny_overrides
+from conftest import CLASSES, REPO, RunsCode, tiny_overrides
 from PIL import Image
 
 from transfer_study import layout
@@ -65,22 +69,132 @@ def test_frozen_backbone_predicts_through_its_extractor(workdir, archive):
     featurize_model("vgg16", p.model("vgg16"))
     train_model("vgg16", p)
     paths, test = save_test_images(workdir, count=2)
-    results = predict_files("vgg16", paths, top=3)
-    assert [path for path, _ in results] == [str(p) for p in paths]
+    results = list(predict_files("vgg16", paths, top=3))
+    assert [path for path, _, _ in results] == paths
     net, _, _ = load_trained(layout.model_file("vgg16"))
     features = torch.from_numpy(np.load(layout.features_file("vgg16", "test"))[:2])
     expected = predict_logits(net, features).softmax(dim=1)
-    for (_, ranked), row in zip(results, expected):
+    for (_, ranked, _), row in zip(results, expected):
         assert len(ranked) == 3 and ranked[0][0] == CLASSES[int(row.argmax())]
 
 
 def test_predict_explains_what_is_missing(workdir, archive):
     with pytest.raises(UserError, match="models/mlp.pt does not exist: train it first"):
-        predict_files("mlp", ["x.png"])
+        list(predict_files("mlp", ["x.png"]))
     skip_training("mlp")
     with pytest.raises(UserError, match="mlp was left out of `models`"):
-        predict_files("mlp", ["x.png"])
+        list(predict_files("mlp", ["x.png"]))
+
+
+def predict_cli(workdir, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "transfer_study", "predict", *map(str, args)],
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": f"{REPO}/src"},
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_a_folder_with_a_bad_file_classifies_the_rest_and_fails(workdir, archive):
     train_model("mlp", params(archive, train={"max_epochs": 1}))
-    (workdir / "x.png").write_bytes(b"not an image")
-    with pytest.raises(UserError, match="cannot read image x.png"):
-        predict_files("mlp", ["x.png"])
+    folder = workdir / "images"
+    (folder / "more").mkdir(parents=True)
+    paths, _ = save_test_images(folder, count=3)
+    paths[2].rename(folder / "more" / "deep.png")  # folders are walked recursively
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    (folder / "notes.txt").write_text("not an image file name: left alone")
+    result = predict_cli(workdir, "--model", "mlp", "--format", "csv", folder, "missing.png")
+    assert result.returncode == 1
+    errors = result.stderr.strip().splitlines()
+    assert errors[0] == "error: missing.png: no such file or folder"
+    assert errors[1].startswith(f"error: cannot read image {folder / 'broken.jpg'} (")
+    assert errors[2] == "2 of 5 inputs failed"
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    expected = [folder / "more" / "deep.png", folder / "test0.png", folder / "test1.png"]
+    assert [row["path"] for row in rows] == [str(p) for p in expected]  # sorted, bad one out
+    for row in rows:
+        assert row["class_1"] in CLASSES
+        probabilities = [float(row[f"probability_{k}"]) for k in (1, 2, 3)]
+        assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.001
+
+
+def test_json_lines_and_batches_match_one_image_at_a_time(workdir, archive):
+    train_model("mlp", params(archive, train={"max_epochs": 1}))
+    paths, _ = save_test_images(workdir, count=5)
+    result = predict_cli(workdir, "--model", "mlp", "--format", "json", "--top", "2", *paths)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["path"] for line in lines] == [str(p) for p in paths]
+    assert all(len(line["top"]) == 2 for line in lines)
+    one_by_one = [next(predict_files("mlp", [p], top=2)) for p in paths]
+    batched = list(predict_files("mlp", paths, top=2, batch_size=2))
+    for (_, alone, _), (_, together, _), line in zip(one_by_one, batched, lines):
+        assert (
+            [c for c, _ in alone] == [c for c, _ in together] == [t["class"] for t in line["top"]]
+        )
+        assert [p for _, p in alone] == pytest.approx([p for _, p in together], abs=1e-5)
+
+
+def damaged_model_files(path, sentinel):
+    """(what, bytes) of model files that must be refused: tampered, truncated, wrong shape."""
+    good = path.read_bytes()
+    yield "tampered", lambda: torch.save({"state_dict": RunsCode(sentinel), "config": {}}, path)
+    yield "plain pickle", lambda: path.write_bytes(pickle.dumps(RunsCode(sentinel)))
+    yield "truncated", lambda: path.write_bytes(good[: len(good) // 2])
+    yield "empty", lambda: path.write_bytes(b"")
+
+    def wrong_shape():
+        saved = torch.load(io.BytesIO(good), weights_only=True)
+        saved["config"]["section"]["hidden"] = [10**9, 10**9]  # would need exabytes if built
+        torch.save(saved, path)
+
+    yield "wrong shape", wrong_shape
+
+    def renamed():
+        saved = torch.load(io.BytesIO(good), weights_only=True)
+        saved["config"]["name"] = "lite0"
+        torch.save(saved, path)
+
+    yield "another model's", renamed
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_a_damaged_model_file_gets_one_line_and_runs_nothing(workdir, archive, command):
+    train_model("mlp", params(archive, train={"max_epochs": 1}))
+    paths, _ = save_test_images(workdir, count=1)
+    model, sentinel = layout.model_file("mlp"), workdir / "sentinel"
+    (workdir / "params.yaml").write_text(open(f"{REPO}/params.yaml").read())
+    for what, damage in damaged_model_files(model, sentinel):
+        damage()
+        if command == "predict":
+            result = predict_cli(workdir, "--model", "mlp", *paths)
+        else:
+            result = subprocess.run(
+                [sys.executable, f"{REPO}/stages/evaluate.py"],
+                cwd=workdir,
+                env={**os.environ, "PYTHONPATH": f"{REPO}/src"},
+                capture_output=True,
+                text=True,
+            )
+        assert result.returncode == 2, (what, result.stderr[-2000:])
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, (what, lines)
+        assert lines[0].startswith("error: models/mlp.pt "), (what, lines)
+        assert "dvc checkout models/mlp.pt" in lines[0] and "dvc repro train_mlp" in lines[0]
+        assert "weights_only" not in lines[0]
+        assert not sentinel.exists(), what
+
+
+def test_many_images_get_a_progress_bar_on_stderr(workdir, archive, monkeypatch, capsys):
+    from transfer_study import __main__ as cli
+
+    train_model("mlp", params(archive, train={"max_epochs": 1}))
+    paths, _ = save_test_images(workdir, count=3)
+    capsys.readouterr()
+    cli.main(["predict", "--model", "mlp", "--format", "json", *map(str, paths)])
+    assert "img" not in capsys.readouterr().err  # a few images: no bar
+    monkeypatch.setattr(cli, "PROGRESS_FROM", 3)
+    cli.main(["predict", "--model", "mlp", "--format", "json", *map(str, paths)])
+    output = capsys.readouterr()
+    assert "3/3" in output.err and len(output.out.splitlines()) == 3

@@ -1,11 +1,17 @@
 """Networks by model section: built to train, or rebuilt from a trained model file."""
 
+import pickle
+import warnings
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
 
 from . import layout
 from .data import channel_stats, load_split
+from .errors import UserError
+from .markers import is_skipped
 from .models import backbone_spec, feature_extractor, set_trainable_layers
 from .nets import Preprocess, mlp
 from .params import MlpParams, parse_section, uses_features
@@ -51,17 +57,57 @@ def load_inputs(name, section, split):
 
 
 def load_trained(path):
-    """(network in eval mode, its model section, config) from a file written by train_model."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    config = saved["config"]
+    """(network in eval mode, its model section, config) from a file written by train_model.
+
+    Only tensors and plain containers are unpickled (weights_only), so a tampered file runs
+    nothing; a file that is not such a model, whole, stops with one line naming the remedy.
+    """
+    path = Path(path)
+    name = path.stem
+    remedy = f"restore it with `dvc checkout {path}` or rebuild it with `dvc repro train_{name}`"
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: train it first (dvc repro train_{name})")
+    if is_skipped(path):
+        raise UserError(f"{name} was left out of `models` in the last run: {path} is no model")
+    try:
+        with warnings.catch_warnings():  # torch warns about odd files before refusing them
+            warnings.simplefilter("ignore")
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+    # torch raises a dozen kinds here, and its messages advise weights_only=False, which would
+    # run the file's code: none of them is shown.
+    except Exception as error:
+        why = (
+            "it holds objects other than tensors, refused unread"
+            if isinstance(error, pickle.UnpicklingError)
+            else "damaged or truncated"
+        )
+        raise UserError(
+            f"{path} is not a model file this project wrote ({why}); {remedy}"
+        ) from None
+    try:
+        return _rebuild(saved, name)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, UserError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(
+            f"{path} does not hold a model this project can rebuild ({first}); {remedy}"
+        ) from None
+
+
+def _rebuild(saved, name):
+    config, state = saved["config"], saved["state_dict"]
+    if config["name"] != name:
+        raise ValueError(f"it holds model {config['name']!r}, not {name!r}")
     section = parse_section(config["name"], config["section"])
-    net = build_net(
-        config["name"],
-        section,
-        len(config["classes"]),
-        config["data"],
-        config["feature_dim"],
-        weights="none",
-    )
-    net.load_state_dict(saved["state_dict"])
+    args = (config["name"], section, len(config["classes"]), config["data"], config["feature_dim"])
+    # Shapes first, on the meta device (nothing allocated): a file whose config asks for a huge
+    # network is refused before it costs memory.
+    with torch.device("meta"):
+        expected = {
+            k: tuple(v.shape) for k, v in build_net(*args, weights="none").state_dict().items()
+        }
+    found = {k: tuple(v.shape) if torch.is_tensor(v) else None for k, v in state.items()}
+    if found != expected:
+        raise ValueError("its weights do not fit the network its config describes")
+    net = build_net(*args, weights="none")
+    net.load_state_dict(state)
     return net.eval(), section, config

@@ -1,50 +1,80 @@
-"""Top classes of image files under a trained model (python -m transfer_study predict)."""
+"""Top classes of image files and folders under a trained model (the predict command)."""
+
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import layout
-from .errors import UserError
 from .evaluation import predict_logits
 from .features import prepare_extractor
 from .hardware import default_device, featurize_dtype
-from .markers import is_skipped
 from .models import feature_extractor
 from .networks import load_trained
 from .params import uses_features
-from .sources import UNREADABLE_IMAGE, read_image
+from .sources import IMAGE_SUFFIXES, UNREADABLE_IMAGE, read_image
+
+BATCH_SIZE = 64  # images decoded and classified together
 
 
-def load_image(path, shape):
-    """uint8 C x H x W pixels of an image file, as the model's training images were stored:
-    RGB or grayscale by C, resized to H x W (a photo becomes what the model was trained on)."""
-    try:
-        return read_image(path, shape)
-    except UNREADABLE_IMAGE as error:
-        raise UserError(f"cannot read image {path} ({error})") from None
+def image_files(paths):
+    """(files to classify, [(path, why it is skipped)]): each path as given, a folder as the
+    image files below it (recursively, in sorted order)."""
+    files, problems = [], []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            files += [p for p in found if p.is_file()]
+            if not found:
+                problems.append((path, f"a folder without images ({', '.join(IMAGE_SUFFIXES)})"))
+        elif path.is_file():
+            files.append(path)
+        else:
+            problems.append((path, "no such file or folder"))
+    return files, problems
 
 
-@torch.inference_mode()
-def predict_files(name, paths, top=3):
-    """[(path, [(class, probability), ...top]) ...] for image files, with models/<name>.pt."""
-    path = layout.model_file(name)
-    if not path.exists():
-        raise UserError(f"{path} does not exist: train it first (dvc repro train_{name})")
-    if is_skipped(path):
-        raise UserError(f"{name} was left out of `models` in the last run: no trained model")
-    net, section, config = load_trained(path)
-    inputs = torch.from_numpy(np.stack([load_image(p, config["data"]["shape"]) for p in paths]))
+def load_classifier(name):
+    """(uint8 N x C x H x W images -> class probabilities, (C, H, W) the images are read at,
+    class names) of models/<name>.pt; a frozen backbone's head gets the backbone's features."""
+    net, section, config = load_trained(layout.model_file(name))
     device = default_device()
-    if uses_features(section):  # the head was trained on the frozen backbone's features
+    extractor = None
+    if uses_features(section):
         extractor = feature_extractor(name, section.weights, section.image_size)
         extractor = prepare_extractor(extractor, device)
-        dtype = featurize_dtype(device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            inputs = extractor(inputs.to(device)).to(torch.float16)
-    probabilities = predict_logits(net, inputs, device).softmax(dim=1)
-    best = probabilities.topk(min(top, probabilities.shape[1]), dim=1)
-    classes = config["classes"]
-    return [
-        (str(p), [(classes[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())])
-        for p, values, indices in zip(paths, best.values, best.indices)
-    ]
+
+    @torch.inference_mode()
+    def classify(images):
+        inputs = torch.from_numpy(images)
+        if extractor is not None:
+            dtype = featurize_dtype(device)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                inputs = extractor(inputs.to(device)).to(torch.float16)
+        return predict_logits(net, inputs, device).softmax(dim=1)
+
+    return classify, tuple(config["data"]["shape"]), config["classes"]
+
+
+def predict_files(name, paths, top=3, batch_size=BATCH_SIZE):
+    """Yield (path, [(class, probability), ...top] or None, None or why it is unreadable) for
+    each file, in order, a batch at a time: each image is read as the model's training images
+    were stored (RGB or grayscale, resized), so a photo becomes what the model was trained on."""
+    classify, shape, classes = load_classifier(name)
+    for first in range(0, len(paths), batch_size):
+        results, images = [], []
+        for path in paths[first : first + batch_size]:
+            try:
+                images.append(read_image(path, shape))
+                results.append([path, None, None])
+            except UNREADABLE_IMAGE as error:
+                results.append([path, None, str(error) or type(error).__name__])
+        if images:
+            probabilities = classify(np.stack(images))
+            best = probabilities.topk(min(top, probabilities.shape[1]), dim=1)
+            readable = (r for r in results if r[2] is None)
+            for result, values, indices in zip(readable, best.values, best.indices):
+                result[1] = [
+                    (classes[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())
+                ]
+        yield from map(tuple, results)

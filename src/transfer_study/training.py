@@ -398,19 +398,43 @@ def _checkpoints(name, run_key, resume):
     """(checkpoint folder, checkpoint to resume from or None). A fresh run empties the folder."""
     folder = layout.checkpoint_dir(name)
     key_file, last = folder / "run_key", folder / "last.ckpt"
-    if resume and last.exists() and key_file.exists() and key_file.read_text() == run_key:
+    same_run = resume and last.is_file() and _read_key(key_file) == run_key
+    if same_run and _resumable(last):
         print(f"{name}: resuming from {last}", file=sys.stderr)
         return folder, str(last)
     if rank_zero_only.rank != 0:
         # A DDP process that Lightning started: the launching process (rank 0) has prepared the
         # folder already, and emptying it now would delete what rank 0 writes there.
         return folder, None
-    if resume and last.exists():
+    if same_run:
+        print(f"{name}: {last} is damaged or not a checkpoint; starting over", file=sys.stderr)
+    elif resume and last.exists():
         print(f"{name}: {last} is from another configuration; starting over", file=sys.stderr)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     key_file.write_text(run_key)
     return folder, None
+
+
+def _read_key(path):
+    """The run key saved beside a checkpoint (64 hex digits; at most 100 bytes are read)."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(100).decode("ascii", errors="replace")
+    except OSError:
+        return None
+
+
+def _resumable(path):
+    """Whether a checkpoint loads whole as tensors and plain data (weights_only: nothing in a
+    tampered file runs) and holds what a resumed run needs."""
+    try:
+        with warnings.catch_warnings():  # torch warns about odd files before refusing them
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # damaged, truncated or tampered: any of torch's errors means "no"
+        return False
+    return isinstance(state, dict) and {"state_dict", "rng_state", "loops"} <= state.keys()
 
 
 def _epoch_history(csv_paths):
