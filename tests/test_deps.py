@@ -73,6 +73,16 @@ def test_stage_lists_exactly_the_code_it_runs(stage):
     )
 
 
+def test_every_stage_says_what_it_is_for_and_every_model_is_an_artifact():
+    assert all(spec.get("desc") for spec in STAGES.values())
+    trained = {stage.split("_", 1)[1] for stage in STAGES if stage.startswith("train_")}
+    artifacts = yaml.safe_load((ROOT / "dvc.yaml").read_text())["artifacts"]
+    assert {name: a["path"] for name, a in artifacts.items()} == {
+        m: f"models/{m}.pt" for m in trained
+    }
+    assert all(a["type"] == "model" for a in artifacts.values())
+
+
 def test_closure_follows_imports_inside_functions():
     # stages/train.py imports the trainer only once it knows the model is in the study.
     assert "src/transfer_study/training.py" in package_closure(ROOT / "stages/train.py")

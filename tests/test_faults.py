@@ -59,7 +59,7 @@ def test_same_params_same_bytes_on_the_cpu(archive, tmp_path, monkeypatch):
         assert a["state_dict"].keys() == b["state_dict"].keys()
         for key in a["state_dict"]:
             assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    evaluation = layout.METRICS_DIR / "evaluate.json"
+    evaluation = layout.EVALUATE_METRICS
     assert (first / evaluation).read_bytes() == (second / evaluation).read_bytes()
 
 

@@ -4,6 +4,8 @@ The tests run in file order on one project: each rule is checked against the sta
 previous test left, as a user's session would proceed.
 """
 
+import csv
+import io
 import json
 import os
 import re
@@ -12,6 +14,7 @@ import signal
 import subprocess
 import time
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -34,6 +37,7 @@ COPIED = [
     "stages",
     "src",
     ".dvc/config",
+    ".dvc/plots",
     "data/images",
     ".dvc/.gitignore",
     ".gitignore",
@@ -84,8 +88,17 @@ def test_repro_runs_every_stage_and_writes_every_output(project):
         metrics = json.loads((project / f"metrics/train_{name}.json").read_text())
         assert TRAIN_KEYS <= metrics.keys()
         assert (project / f"plots/history/{name}.csv").exists()
-        assert (project / f"reports/confusion_{name}.png").exists()
-        assert (project / f"reports/misclassified_{name}.png").exists()
+        assert (project / f"reports/figures/confusion_{name}.png").exists()
+        assert (project / f"reports/figures/misclassified_{name}.png").exists()
+        # DVCLive's summary, the headline of training: the kept (best) epoch's figures.
+        summary = json.loads((project / f"dvclive/{name}/metrics.json").read_text())
+        history = pd.read_csv(project / f"plots/history/{name}.csv")
+        best = history.loc[history["val_loss"].idxmin()]
+        assert set(summary) == {"step", "val/loss", "val/acc", "epochs", "train_seconds"}
+        assert summary["step"] == best["epoch"] == metrics["best_epoch"]
+        assert summary["val/loss"] == pytest.approx(best["val_loss"])
+        assert summary["epochs"] == len(history)
+        assert (project / f"dvclive/{name}/plots/metrics/val/acc.tsv").exists()
     evaluation = json.loads((project / "metrics/evaluate.json").read_text())
     assert set(evaluation) == set(MODELS)
     assert all({"test_accuracy", "test_loss"} <= m.keys() for m in evaluation.values())
@@ -102,8 +115,7 @@ def test_enabling_a_model_changes_only_its_stages_evaluate_and_report(project):
     params = project / "params.yaml"
     committed = params.read_text()
     raw = yaml.safe_load(committed)
-    raw["models"]["resnet50"] = True
-    raw["resnet50"].update(weights="none", image_size=32)
+    raw["models"]["resnet50"] = True  # its switch alone: no other param of its stages moves
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     try:
         changed = json.loads(run(project, "dvc", "status", "--json"))
@@ -121,10 +133,25 @@ def test_new_lr_retrains_every_model_and_featurizes_nothing(project):
         assert json.loads((project / f"metrics/train_{name}.json").read_text())["lr"] == 0.0001
 
 
-def test_metrics_diff_shows_the_change(project):
+HEADLINE = {"test_accuracy", "test_loss", "step", "val/loss", "val/acc", "epochs", "train_seconds"}
+
+
+def test_metrics_diff_and_exp_show_hold_only_headline_figures(project):
     diff = json.loads(run(project, "dvc", "metrics", "diff", "--json"))
-    change = diff["metrics/train_mlp.json"]["lr"]
-    assert (change["old"], change["new"]) == (0.001, 0.0001)
+    assert set(diff) <= {"metrics/evaluate.json", *(f"dvclive/{m}/metrics.json" for m in MODELS)}
+    keys = [key.split(".")[-1] for changes in diff.values() for key in changes]
+    assert set(keys) <= HEADLINE and len(keys) <= len(HEADLINE) * len(MODELS)
+    assert (
+        "dvclive/mlp/metrics.json" in diff and "mlp.test_accuracy" in diff["metrics/evaluate.json"]
+    )
+    table = list(
+        csv.reader(io.StringIO(run(project, "dvc", "exp", "show", "--only-changed", "--csv")))
+    )
+    columns = [c for c in table[0] if c not in ("rev", "typ")]  # the CSV's extra columns
+    metric_columns = [c for c in columns if c.split(":")[-1].split(".")[-1] in HEADLINE]
+    # Two per model from evaluate, five from DVCLive; params: train.lr; deps: files that moved.
+    assert len(metric_columns) <= 7 * len(MODELS)
+    assert "train.lr" in columns and not [c for c in columns if "per_class" in c or "version" in c]
 
 
 def test_mlp_architecture_reruns_only_the_mlp(project):
@@ -142,12 +169,27 @@ def test_vgg16_image_size_refeaturizes_only_vgg16(project):
     assert stages_run(output) == ["evaluate", "featurize_vgg16", "report", "train_vgg16"]
 
 
-def test_plots_show_renders_curves_and_confusions(project):
-    run(project, "dvc", "plots", "show", "--json")
+def plotted_models(project):
+    """{plot title: the models it shows} of `dvc plots show --json`; images by file name."""
+    shown = json.loads(run(project, "dvc", "plots", "show", "--json"))["data"]
+    models = {}
+    for title, renderers in shown.items():
+        for renderer in renderers:
+            if renderer["type"] == "vega":
+                models[title] = {row["model"] for row in renderer["content"]["data"]["values"]}
+            else:
+                models.setdefault("images", set()).add(title.rsplit("/", 1)[-1])
+    return models
+
+
+def test_plots_show_tells_every_model_apart(project):
+    models = plotted_models(project)
+    curves = [t for t in models if t.startswith(("Accuracy by epoch", "Loss by epoch"))]
+    assert len(curves) == 2 and all(models[t] == set(MODELS) for t in curves)
+    assert models["Test accuracy against compute seconds (featurize + train)"] == set(MODELS)
+    assert {f"confusion_{m}.png" for m in MODELS} <= models["images"]
     html = run(project, "dvc", "plots", "show", "-o", "plots_html")
-    page = (project / "plots_html" / "index.html").read_text()
-    assert "index.html" in html
-    assert "Validation accuracy by epoch" in page and "mlp, test confusion" in page
+    assert "index.html" in html and (project / "plots_html" / "index.html").exists()
 
 
 def test_left_out_models_rerun_only_their_own_stages_and_leave_the_report(project):
@@ -160,7 +202,10 @@ def test_left_out_models_rerun_only_their_own_stages_and_leave_the_report(projec
     assert set(json.loads((project / "metrics/evaluate.json").read_text())) == {"mlp", "lite0"}
     report = (project / "reports/report.md").read_text()
     assert "| lite0 |" in report and "| vgg16 |" not in report
-    assert not (project / "reports/confusion_vgg16.png").exists()
+    models = plotted_models(project)  # no left-out model on any plot or legend
+    assert all(shown == {"mlp", "lite0"} for title, shown in models.items() if title != "images")
+    assert not [image for image in models["images"] if "vgg16" in image or "inception" in image]
+    assert not (project / "reports/figures/confusion_vgg16.png").exists()
 
 
 def test_interrupted_repro_leaves_nothing_complete_and_the_next_repro_finishes(project):

@@ -151,6 +151,20 @@ def damaged_model_files(path, sentinel):
 
     yield "wrong shape", wrong_shape
 
+    def huge_images():
+        saved = torch.load(io.BytesIO(good), weights_only=True)
+        saved["config"]["data"]["shape"] = [3, 100_000, 100_000]  # predict would read at this
+        torch.save(saved, path)
+
+    yield "huge input shape", huge_images
+
+    def odd_statistics():
+        saved = torch.load(io.BytesIO(good), weights_only=True)
+        saved["config"]["data"]["mean"] = [0.5] * 5  # five channels' means for RGB images
+        torch.save(saved, path)
+
+    yield "odd statistics", odd_statistics
+
     def renamed():
         saved = torch.load(io.BytesIO(good), weights_only=True)
         saved["config"]["name"] = "lite0"

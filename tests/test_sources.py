@@ -17,10 +17,11 @@ from conftest import REPO, only, write_cifar_archive, write_params
 from PIL import Image
 
 from transfer_study.data import make_splits
+from transfer_study.datasets import DATASETS
 from transfer_study.download import download_dataset
 from transfer_study.errors import UserError
 from transfer_study.params import DataParams
-from transfer_study.sources import DATASETS, read_cifar10, read_folder, read_mnist
+from transfer_study.sources import read_cifar10, read_folder, read_mnist
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -236,4 +237,4 @@ def test_mnist_study_end_to_end_through_the_stages(tmp_path):
     assert saved["config"]["data"]["shape"] == [1, 28, 28]
     assert saved["state_dict"]["2.0.weight"].shape == (128, 28 * 28)
     assert json.loads((project / "metrics" / "split.json").read_text())["test"]["total"] == 50
-    assert (project / "reports" / "misclassified_mlp.png").exists()
+    assert (project / "reports" / "figures" / "misclassified_mlp.png").exists()

@@ -11,7 +11,7 @@ from conftest import REPO
 from torch import nn
 
 from transfer_study.networks import build_net
-from transfer_study.params import ACTIVATIONS, deep_merge, load_params
+from transfer_study.params import deep_merge, load_params
 from transfer_study.training import Classifier, param_groups
 
 # `models` switches that leave one model in the study (from the committed params.yaml).
@@ -135,9 +135,10 @@ def test_l1_l2_and_dropout_reach_training():
 
 
 def test_activation_and_optimizer_grids_reach_torch():
-    for index, activation in enumerate(["relu", "leaky_relu", "elu", "silu", "sigmoid", "tanh"]):
+    activations = [nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.Sigmoid, nn.Tanh]
+    for index, cls in enumerate(activations):
         net = build_net("mlp", study("activations", index).model("mlp"), 10, STATS)
-        assert any(type(m).__name__ == ACTIVATIONS[activation] for m in net.modules())
+        assert any(type(m) is cls for m in net.modules())
     classes = [torch.optim.SGD, torch.optim.Adam, torch.optim.Adagrad, torch.optim.Adadelta]
     for index, cls in enumerate(classes):
         p = study("optimizers", index).model("mlp")

@@ -71,9 +71,22 @@ def test_frozen_backbone_featurize_train_evaluate(workdir, archive):
     assert set(results) == {"mlp", "vgg16"}
     for name in results:
         assert 0 <= results[name]["test_accuracy"] <= 1 and results[name]["test_loss"] > 0
-        confusion = pd.read_csv(layout.confusion_file(name))
-        assert len(confusion) == 50 and list(confusion.columns[:2]) == ["actual", "predicted"]
-    assert json.loads((layout.METRICS_DIR / "evaluate.json").read_text()) == results
+        predictions = pd.read_csv(layout.predictions_file(name))
+        assert len(predictions) == 50 and list(predictions.columns[:2]) == ["actual", "predicted"]
+    assert json.loads(layout.EVALUATE_METRICS.read_text()) == results
+    # Only the models evaluated have predictions: a left-out model's old table is gone.
+    evaluate_models(["mlp"])
+    assert sorted(p.name for p in layout.PREDICTIONS_DIR.iterdir()) == ["mlp.csv"]
+
+
+TORCH_OPTIMIZERS = {  # written out, not looked up: a wrong entry in params.OPTIMIZERS fails
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+    "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
+    "adadelta": torch.optim.Adadelta,
+}
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
@@ -81,7 +94,7 @@ def test_optimizer_and_lr_reach_torch(optimizer, archive):
     section = params(archive, mlp={"train": {"optimizer": optimizer, "lr": "1e-4"}}).model("mlp")
     module = Classifier(build_net("mlp", section, 10, STATS), section.train, 10)
     built = module.configure_optimizers()
-    assert type(built) is optimizer_class(optimizer)
+    assert type(built) is TORCH_OPTIMIZERS[optimizer] is optimizer_class(optimizer)
     assert built.param_groups[0]["lr"] == 0.0001
 
 

@@ -3,6 +3,7 @@
 import argparse
 import csv
 import json
+import os
 import sys
 
 from tqdm import tqdm
@@ -49,6 +50,14 @@ def _writer(form):
 
 @exit_on_user_error
 def main(argv=None):
+    try:
+        _main(argv)
+    except BrokenPipeError:  # the reader stopped early (| head): no traceback, as Python's docs do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the flush at exit
+        sys.exit(1)
+
+
+def _main(argv):
     parser = argparse.ArgumentParser(prog="python -m transfer_study")
     commands = parser.add_subparsers(dest="command", required=True)
     predict = commands.add_parser(
@@ -69,6 +78,9 @@ def main(argv=None):
         print(f"error: {path}: {why}", file=sys.stderr)
     write = _writer(args.format)
     failed = len(problems)
+    if not files:
+        print(f"{failed} of {failed} inputs failed", file=sys.stderr)
+        sys.exit(1)
     with tqdm(
         total=len(files), unit="img", file=sys.stderr, disable=len(files) < PROGRESS_FROM
     ) as bar:

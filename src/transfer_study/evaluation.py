@@ -1,4 +1,6 @@
-"""Every trained model on the test split: accuracy, loss, per-class accuracy, confusion."""
+"""Every trained model on the test split: accuracy and loss, and each test image's prediction."""
+
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -11,7 +13,7 @@ from .hardware import autocast_dtype, default_device
 from .networks import load_inputs, load_trained
 
 BATCH_SIZE = 256  # images or feature rows per forward pass
-PREDICTION_COLUMNS = ["actual", "predicted", "confidence"]  # plots/confusion/<model>.csv
+PREDICTION_COLUMNS = ["actual", "predicted", "confidence"]  # predictions/<model>.csv
 
 
 @torch.inference_mode()
@@ -35,13 +37,9 @@ def score(logits, labels, classes):
     labels_t = torch.as_tensor(labels)
     probabilities = logits.softmax(dim=1)
     predicted = probabilities.argmax(dim=1).numpy()
-    k = len(classes)
-    confusion = np.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
-    per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
     metrics = {
         "test_accuracy": round(float((predicted == labels).mean()), 6),
         "test_loss": round(float(F.cross_entropy(logits, labels_t)), 6),
-        "per_class_accuracy": {c: round(float(a), 6) for c, a in zip(classes, per_class)},
     }
     names = np.array(classes)
     confidence = probabilities.max(dim=1).values.numpy().round(4)
@@ -50,19 +48,17 @@ def score(logits, labels, classes):
     return metrics, table
 
 
-def evaluate_models(models, declared=()):
-    """Score each trained model on the test split; write evaluate.json and confusion tables
-    (the `declared` models left out get empty tables: DVC wants every declared output)."""
-    for name in set(declared) - set(models):
-        with atomic_path(layout.confusion_file(name)) as tmp:
-            pd.DataFrame(columns=PREDICTION_COLUMNS).to_csv(tmp, index=False)
+def evaluate_models(models):
+    """Score each trained model on the test split: the headline figures in evaluate.json, each
+    test image's prediction in predictions/<model>.csv (for the models in the study only)."""
+    shutil.rmtree(layout.PREDICTIONS_DIR, ignore_errors=True)  # no left-out model's old table
     results = {}
     for name in models:
         net, section, _ = load_trained(layout.model_file(name))
         inputs, test = load_inputs(name, section, "test")
         metrics, predictions = score(predict_logits(net, inputs), test.labels, test.classes)
-        with atomic_path(layout.confusion_file(name)) as tmp:
+        with atomic_path(layout.predictions_file(name)) as tmp:
             predictions.to_csv(tmp, index=False)
         results[name] = metrics
-    write_json(layout.METRICS_DIR / "evaluate.json", results)
+    write_json(layout.EVALUATE_METRICS, results)
     return results

@@ -109,6 +109,7 @@ def featurize_model(name, section, hflip=False, splits=SPLITS):
     that training can flip at random and still read cached features. Under torchrun each rank
     featurizes its slice of every split on its own GPU, and rank 0 joins the slices.
     """
+    begun = time.perf_counter()
     rank, world, local_rank = torchrun_ranks()
     device = default_device()
     if world > 1:
@@ -156,6 +157,8 @@ def featurize_model(name, section, hflip=False, splits=SPLITS):
     }
     write_json(layout.features_meta(name), meta)
     metrics = {
+        # Backbone build and every pass, no process start: the report's cost of the model.
+        "seconds": round(time.perf_counter() - begun, 2),
         "images_per_second": {s: round(v, 1) for s, v in timings.items()},
         "device": str(device) if world == 1 else f"{world} x {device.type}",
         "precision": "bf16" if featurize_dtype(device) else "fp32",

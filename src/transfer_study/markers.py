@@ -16,10 +16,11 @@ def skip_featurize(name):
 
 
 def skip_training(name):
-    """train_<name>'s outputs, without training: a marker in place of the model file, and a
-    history with no epochs."""
+    """train_<name>'s outputs, without training: markers in place of the model file and the
+    DVCLive summary, and a history with no epochs."""
     write_json(layout.model_file(name), SKIPPED)
     write_json(layout.train_metrics(name), SKIPPED)
+    write_json(layout.live_summary(name), SKIPPED)
     write_text(layout.history_file(name), ",".join(HISTORY_COLUMNS) + "\n")
 
 

@@ -16,17 +16,19 @@ from .models import backbone_spec, feature_extractor, set_trainable_layers
 from .nets import Preprocess, mlp
 from .params import MlpParams, parse_section, uses_features
 
+MAX_IMAGE_SIDE = 4096  # pixels; far above the size any dataset here is stored at
 
-def build_net(name, section, num_classes, data_stats, feature_dim=None, weights=None):
-    """The trainable network for a model section. `data_stats` ({"shape": [C, H, W], "mean",
+
+def build_net(name, section, num_classes, stats, feature_dim=None, weights=None):
+    """The trainable network for a model section. `stats` ({"shape": [C, H, W], "mean",
     "std"} of the train images) sizes and normalizes the MLP's input. `weights` overrides
     section.weights (loading a trained model needs no ImageNet download: its state_dict replaces
     them)."""
     if isinstance(section, MlpParams):
         size = section.image_size
-        channels = data_stats["shape"][0]
+        channels = stats["shape"][0]
         return nn.Sequential(
-            Preprocess(size, data_stats["mean"], data_stats["std"]),
+            Preprocess(size, stats["mean"], stats["std"]),
             nn.Flatten(),
             mlp(channels * size * size, *_layers(section, num_classes)),
         )
@@ -77,7 +79,7 @@ def load_trained(path):
     # run the file's code: none of them is shown.
     except Exception as error:
         why = (
-            "it holds objects other than tensors, refused unread"
+            "not a file of tensors: refused unread"
             if isinstance(error, pickle.UnpicklingError)
             else "damaged or truncated"
         )
@@ -86,7 +88,15 @@ def load_trained(path):
         ) from None
     try:
         return _rebuild(saved, name)
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, UserError) as error:
+    except (
+        KeyError,
+        IndexError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        RuntimeError,
+        UserError,
+    ) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(
             f"{path} does not hold a model this project can rebuild ({first}); {remedy}"
@@ -97,6 +107,14 @@ def _rebuild(saved, name):
     config, state = saved["config"], saved["state_dict"]
     if config["name"] != name:
         raise ValueError(f"it holds model {config['name']!r}, not {name!r}")
+    stats = config["data"]
+    channels, height, width = stats["shape"]
+    # predict reads images at this shape: a tampered 100,000-pixel side would exhaust memory.
+    sides_ok = all(1 <= side <= MAX_IMAGE_SIDE for side in (height, width))
+    if not (
+        channels in (1, 3) and sides_ok and len(stats["mean"]) == len(stats["std"]) == channels
+    ):
+        raise ValueError("its input shape or statistics are not those of stored images")
     section = parse_section(config["name"], config["section"])
     args = (config["name"], section, len(config["classes"]), config["data"], config["feature_dim"])
     # Shapes first, on the meta device (nothing allocated): a file whose config asks for a huge

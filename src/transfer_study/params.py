@@ -46,7 +46,7 @@ class ParamsError(UserError):
 
 @dataclass(frozen=True)
 class DataParams:
-    dataset: str  # a name in sources.DATASETS
+    dataset: str  # a name in datasets.DATASETS
     url: str  # "official", or where the dataset's files are (see download.download_dataset)
     md5: str | None  # "official", null (no check), or the digest of a one-file mirror
     path: str  # folder dataset: the folder of class folders

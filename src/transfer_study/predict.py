@@ -24,7 +24,8 @@ def image_files(paths):
     for path in map(Path, paths):
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            files += [p for p in found if p.is_file()]
+            found = [p for p in found if p.is_file()]
+            files += found
             if not found:
                 problems.append((path, f"a folder without images ({', '.join(IMAGE_SUFFIXES)})"))
         elif path.is_file():

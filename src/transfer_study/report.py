@@ -1,4 +1,4 @@
-"""The study's report: a comparison table, learning curves, confusions, misclassified images."""
+"""The study's report: table, cost, learning curves, per-class accuracy, confusions, mistakes."""
 
 import json
 
@@ -95,24 +95,106 @@ def misclassified_grid(name, predictions, images, path):
     _save(fig, path)
 
 
+def cost_plot(cost, path):
+    """Test accuracy against compute seconds: what each model buys, at what cost."""
+    fig = Figure(figsize=(6.5, 4.5))
+    axis = fig.subplots()
+    colors = matplotlib.colormaps["tab10"].colors
+    for (_, row), color in zip(cost.iterrows(), colors):
+        axis.scatter(row.seconds, row.test_accuracy, color=color, s=60, label=row.model)
+        axis.annotate(
+            row.model,
+            (row.seconds, row.test_accuracy),
+            xytext=(6, 4),
+            fontsize=8,
+            textcoords="offset points",
+        )
+    axis.set(
+        xscale="log",
+        xlabel="compute seconds (featurize + train, log scale)",
+        ylabel="test accuracy",
+        title="What each model buys, at what cost",
+    )
+    axis.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def study_tables(seconds, evaluation, histories, predictions):
+    """The data of the study's plots, one row per model (and epoch, split or class), for
+    `dvc plots`: curves (model, split, epoch, accuracy, loss), cost (model, seconds,
+    test_accuracy) and per-class accuracy (model, class, accuracy). `seconds`: model -> compute
+    seconds, in report order."""
+    curves = pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "model": name,
+                    "split": split,
+                    "epoch": history["epoch"],
+                    "accuracy": history[f"{split}_acc"],
+                    "loss": history[f"{split}_loss"],
+                }
+            )
+            for name, history in histories.items()
+            for split in ("train", "val")
+        ],
+        ignore_index=True,
+    )
+    cost = pd.DataFrame(
+        {
+            "model": list(seconds),
+            "seconds": [round(s, 2) for s in seconds.values()],
+            "test_accuracy": [evaluation[m]["test_accuracy"] for m in seconds],
+        }
+    )
+    per_class = pd.concat(
+        [
+            table.assign(right=table["actual"] == table["predicted"])
+            .groupby("actual", sort=False)["right"]
+            .mean()
+            .rename("accuracy")
+            .rename_axis("class")
+            .reset_index()
+            .assign(model=name)[["model", "class", "accuracy"]]
+            for name, table in predictions.items()
+        ],
+        ignore_index=True,
+    )
+    return {"curves": curves, "cost": cost, "per_class": per_class}
+
+
+def compute_seconds(name):
+    """Featurize plus train seconds of a model (no featurize stage work: train alone)."""
+    train = json.loads(layout.train_metrics(name).read_text())
+    featurize = layout.featurize_metrics(name)
+    seconds = json.loads(featurize.read_text()).get("seconds", 0) if featurize.exists() else 0
+    return train["train_seconds"] + seconds
+
+
 def write_report(models, out_dir=layout.REPORT_DIR):
-    """reports/report.md and its PNGs, for the models in `models`."""
-    evaluation = json.loads((layout.METRICS_DIR / "evaluate.json").read_text())
+    """reports/report.md, its PNGs (reports/figures/) and the study's plot data (reports/*.csv),
+    for the models in `models`."""
+    evaluation = json.loads(layout.EVALUATE_METRICS.read_text())
     test = load_split(layout.split_file("test"))
-    rows, histories = [], {}
+    figures = out_dir / layout.FIGURES_DIR.relative_to(layout.REPORT_DIR)
+    rows, histories, predictions, seconds = [], {}, {}, {}
     for name in models:
         train = json.loads(layout.train_metrics(name).read_text())
         histories[name] = pd.read_csv(layout.history_file(name))
         # Class names stay strings, even digits (MNIST's "0".."9").
-        predictions = pd.read_csv(
-            layout.confusion_file(name), dtype={"actual": str, "predicted": str}
+        predictions[name] = pd.read_csv(
+            layout.predictions_file(name), dtype={"actual": str, "predicted": str}
         )
-        confusion_plot(name, predictions, test.classes, out_dir / f"confusion_{name}.png")
-        misclassified_grid(name, predictions, test.images, out_dir / f"misclassified_{name}.png")
+        seconds[name] = compute_seconds(name)
+        confusion_plot(name, predictions[name], test.classes, figures / f"confusion_{name}.png")
+        misclassified_grid(
+            name, predictions[name], test.images, figures / f"misclassified_{name}.png"
+        )
         rows.append(
             {
                 "model": name,
                 "test accuracy": f"{evaluation[name]['test_accuracy']:.2%}",
+                "compute (s)": f"{seconds[name]:.1f}",
                 "best val accuracy": f"{train['best_val_accuracy']:.2%}",
                 "epochs": train["epochs"],
                 "train time (s)": f"{train['train_seconds']:.1f}",
@@ -120,34 +202,60 @@ def write_report(models, out_dir=layout.REPORT_DIR):
                 "total params": f"{train['total_params']:,}",
             }
         )
-    learning_curves(histories, out_dir / "learning_curves.png")
-    write_text(out_dir / "report.md", _markdown(rows, models, len(test.labels)))
+    tables = study_tables(seconds, evaluation, histories, predictions)
+    for table_name, table in tables.items():
+        with atomic_path(out_dir / f"{table_name}.csv") as tmp:
+            table.to_csv(tmp, index=False)
+    learning_curves(histories, figures / "learning_curves.png")
+    cost_plot(tables["cost"], figures / "cost.png")
+    per_class = tables["per_class"].pivot(index="class", columns="model", values="accuracy")
+    text = _markdown(rows, per_class[list(models)].reindex(test.classes), models, len(test.labels))
+    write_text(out_dir / "report.md", text)
 
 
-def _markdown(rows, models, test_size):
+def _table(header, rows):
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows),
+    ]
+
+
+def _markdown(rows, per_class, models, test_size):
     header = list(rows[0])
+    folder = layout.FIGURES_DIR.relative_to(layout.REPORT_DIR)
     lines = [
         "# CIFAR-10: MLP against ImageNet transfer learning",
         "",
-        f"Test split: {test_size} images. Train time covers fitting only; featurization of the",
-        "frozen backbones is a separate, cached stage (see metrics/featurize_*.json).",
+        f"Test split: {test_size} images. Compute is the model's featurize stage (the frozen",
+        "backbone's passes over every split, cached) plus its training, without process start;",
+        "train time is the training alone.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(str(row[h]) for h in header) + " |" for row in rows),
+        *_table(header, ([row[h] for h in header] for row in rows)),
+        "",
+        "## What each model buys, at what cost",
+        "",
+        f"![cost]({folder}/cost.png)",
         "",
         "## Learning curves",
         "",
-        "![learning curves](learning_curves.png)",
+        f"![learning curves]({folder}/learning_curves.png)",
+        "",
+        "## Test accuracy per class",
+        "",
+        *_table(
+            ["class", *models],
+            ([c, *(f"{a:.1%}" for a in row)] for c, row in per_class.iterrows()),
+        ),
         "",
     ]
     for name in models:
         lines += [
             f"## {name}",
             "",
-            f"![confusion {name}](confusion_{name}.png)",
+            f"![confusion {name}]({folder}/confusion_{name}.png)",
             "",
-            f"![misclassified {name}](misclassified_{name}.png)",
+            f"![misclassified {name}]({folder}/misclassified_{name}.png)",
             "",
         ]
     return "\n".join(lines)

@@ -30,6 +30,7 @@ from .nets import augment
 from .networks import build_net, data_stats, load_inputs
 from .optim import build_optimizer, build_scheduler
 from .params import MlpParams, uses_features
+from .progress import LiveProgress
 
 # Tensors already in memory need no loader workers; Lightning's hint says otherwise.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -319,6 +320,7 @@ def train_model(name, params, callbacks=()):
     stop = EarlyStopping(
         monitor="val/loss", mode="min", patience=train.patience, min_delta=train.min_delta
     )
+    live = LiveProgress(name)
     trainer = pl.Trainer(
         max_epochs=train.max_epochs,
         accelerator=train.accelerator,
@@ -328,7 +330,7 @@ def train_model(name, params, callbacks=()):
         use_distributed_sampler=False,  # InMemoryData shards by rank itself
         precision=resolve_precision(train),
         deterministic=train.deterministic,
-        callbacks=[best, stop, *callbacks],
+        callbacks=[best, stop, live, *callbacks],
         # One log folder per attempt: Lightning's CSV logger empties its folder when it starts.
         logger=CSVLogger(checkpoints, name="logs"),
         default_root_dir=checkpoints,
@@ -358,12 +360,14 @@ def train_model(name, params, callbacks=()):
         torch.save({"state_dict": module.net.state_dict(), "config": config}, tmp)
     with atomic_path(layout.history_file(name)) as tmp:
         history.to_csv(tmp, index=False)
+    best_row = history.loc[history["val_loss"].idxmin()]
+    live.finish(best_row, len(history), seconds)
     trainable = count_params(net, trainable_only=True)
     metrics = {
         "best_val_loss": float(history["val_loss"].min()),
         "best_val_accuracy": float(history["val_acc"].max()),
         "epochs": len(history),
-        "best_epoch": int(history.loc[history["val_loss"].idxmin(), "epoch"]),
+        "best_epoch": int(best_row["epoch"]),
         "train_seconds": round(seconds, 2),
         "resumed": resume_from is not None,
         "trainable_params": trainable,
