@@ -94,9 +94,10 @@ def test_repro_runs_every_stage_and_writes_every_output(project):
         summary = json.loads((project / f"dvclive/{name}/metrics.json").read_text())
         history = pd.read_csv(project / f"plots/history/{name}.csv")
         best = history.loc[history["val_loss"].idxmin()]
-        assert set(summary) == {"step", "val/loss", "val/acc", "epochs", "train_seconds"}
+        assert set(summary) == {"step", "val", "epochs", "train_seconds"}
         assert summary["step"] == best["epoch"] == metrics["best_epoch"]
-        assert summary["val/loss"] == pytest.approx(best["val_loss"])
+        assert summary["val"]["loss"] == pytest.approx(best["val_loss"])
+        assert summary["val"]["acc"] == pytest.approx(best["val_acc"])
         assert summary["epochs"] == len(history)
         assert (project / f"dvclive/{name}/plots/metrics/val/acc.tsv").exists()
     evaluation = json.loads((project / "metrics/evaluate.json").read_text())
@@ -133,7 +134,7 @@ def test_new_lr_retrains_every_model_and_featurizes_nothing(project):
         assert json.loads((project / f"metrics/train_{name}.json").read_text())["lr"] == 0.0001
 
 
-HEADLINE = {"test_accuracy", "test_loss", "step", "val/loss", "val/acc", "epochs", "train_seconds"}
+HEADLINE = {"test_accuracy", "test_loss", "step", "loss", "acc", "epochs", "train_seconds"}
 
 
 def test_metrics_diff_and_exp_show_hold_only_headline_figures(project):

@@ -42,10 +42,10 @@ class LiveProgress(pl.Callback):
         """Summary of the finished run: `best` (a history row) is the kept epoch."""
         if self.live is None:
             return
+        # Nested as DVCLive nests the "val/loss" it logs live: the same columns in dvc exp show.
         self.live.summary = {
             "step": int(best["epoch"]),  # the best epoch: its weights are the model's
-            "val/loss": float(best["val_loss"]),
-            "val/acc": float(best["val_acc"]),
+            "val": {"loss": float(best["val_loss"]), "acc": float(best["val_acc"])},
             "epochs": int(epochs),
             "train_seconds": round(seconds, 2),
         }

@@ -6,7 +6,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: no global state, no display backend
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
 
 from . import layout
 from .atomic import atomic_path, write_text
@@ -115,6 +115,10 @@ def cost_plot(cost, path):
         ylabel="test accuracy",
         title="What each model buys, at what cost",
     )
+    axis.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # 10, 20, 50, 100, ...
+    axis.xaxis.set_major_formatter(ScalarFormatter())  # 20, not 2 x 10^1
+    axis.xaxis.set_minor_formatter(NullFormatter())
+    axis.margins(x=0.2, y=0.15)  # room for the labels
     axis.grid(alpha=0.3)
     _save(fig, path)
 
