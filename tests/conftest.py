@@ -86,7 +86,8 @@ def write_cifar_archive(path, train_per_class=20, test_per_class=5, seed=0, skip
                     }
                 ),
             )
-        _add(tar, "batches.meta", _pickled({b"label_names": [c.encode() for c in CLASSES]}))
+        if "batches.meta" not in skip:
+            _add(tar, "batches.meta", _pickled({b"label_names": [c.encode() for c in CLASSES]}))
         for name, payload in (raw or {}).items():
             _add(tar, name, payload)
     return path

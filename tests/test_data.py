@@ -1,7 +1,9 @@
 """The CIFAR reader on generated and real archives, its safety, and the stratified split."""
 
+import io
 import json
 import pickle
+import re
 import tarfile
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import CLASSES, write_cifar_archive
 
+from transfer_study import sources
 from transfer_study.data import (
     load_split,
     make_splits,
@@ -62,7 +65,7 @@ def test_reader_refuses_a_pickle_that_would_run_code(tmp_path):
 
 def test_reader_names_missing_members(tmp_path):
     path = write_cifar_archive(tmp_path / "a.tar.gz", skip=("data_batch_3",))
-    with pytest.raises(UserError, match="lacks CIFAR-10 members: data_batch_3"):
+    with pytest.raises(UserError, match="lacks CIFAR-10 members: cifar-10-batches-py/data_batch_3"):
         read_cifar10(path)
 
 
@@ -123,3 +126,53 @@ def test_reader_refuses_labels_out_of_range(tmp_path):
     )
     with pytest.raises(UserError, match="labels outside 0..9"):
         read_cifar10(path)
+
+
+def _pickled(obj):
+    return pickle.dumps(obj, protocol=4)  # any protocol reads; 2 cannot hold an empty array
+
+
+PIXELS = np.zeros((2, 3072), np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("member", "payload", "message"),
+    [
+        ("data_batch_1", [1, 2], "data_batch_1 is a list, not a dict of data and labels"),
+        ("data_batch_1", {b"labels": [0, 1]}, "data_batch_1: data is not a 2-d uint8 array"),
+        ("batches.meta", {b"num_cases": 10}, "batches.meta has no list of label_names"),
+        ("data_batch_1", {b"data": PIXELS[:, :100], b"labels": [0, 1]}, "rows hold 100 values"),
+        ("test_batch", {b"data": PIXELS[:0], b"labels": []}, "test_batch hold no images"),
+        ("data_batch_1", {b"data": PIXELS + 1e10, b"labels": [0, 1]}, "not a 2-d uint8 array"),
+        ("data_batch_1", {b"data": PIXELS, b"labels": [0]}, "expected 2 labels, one per image"),
+        ("data_batch_1", {b"data": PIXELS, b"labels": ["a", "b"]}, "labels are not integers"),
+    ],
+)
+def test_malformed_batches_get_one_line(tmp_path, member, payload, message):
+    path = write_cifar_archive(
+        tmp_path / "a.tar.gz", skip=(member,), raw={member: _pickled(payload)}
+    )
+    with pytest.raises(UserError, match=re.escape(message)):
+        read_cifar10(path)
+
+
+def test_members_count_only_at_their_official_path_and_once(tmp_path):
+    moved = write_cifar_archive(tmp_path / "a.tar.gz", skip=("test_batch",))
+    with tarfile.open(tmp_path / "b.tar", "w") as tar:
+        with tarfile.open(moved) as source:
+            for member in source:
+                tar.addfile(member, source.extractfile(member))
+        info = tarfile.TarInfo("elsewhere/test_batch")  # same file name, another folder
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"junk"))
+    with pytest.raises(UserError, match="lacks CIFAR-10 members: cifar-10-batches-py/test_batch"):
+        read_cifar10(tmp_path / "b.tar")
+    twice = write_cifar_archive(tmp_path / "c.tar.gz", raw={"test_batch": b"later copy"})
+    with pytest.raises(UserError, match="member cifar-10-batches-py/test_batch appears twice"):
+        read_cifar10(twice)
+
+
+def test_a_member_far_larger_than_a_batch_is_refused_unread(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "MAX_MEMBER_BYTES", 1000)  # the real bound is 64 MiB
+    with pytest.raises(UserError, match=r"data_batch_1 holds [\d,]+ bytes; a CIFAR batch"):
+        read_cifar10(write_cifar_archive(tmp_path / "a.tar.gz"))

@@ -65,41 +65,82 @@ def _key(batch, name):
     return batch.get(name.encode(), batch.get(name))
 
 
+MEMBER_DIR = "cifar-10-batches-py"  # where the official archive keeps its members
+MAX_MEMBER_BYTES = 64 << 20  # an official batch is 30 MB; a larger member is refused unread
+PIXELS = 3 * 32 * 32  # values per CIFAR image row
+
+
 def read_cifar10(archive):
     """Read the official CIFAR-10 python archive (or a mirror of it) without extracting it.
 
-    Returns (train Split, test Split). Members are read in memory by name, so no path inside the
-    archive is ever written to disk; even so, an archive holding a link, an absolute path or a
-    `..` member is refused, as an extractor would have to.
+    Returns (train Split, test Split). Members are read in memory at their official paths
+    (cifar-10-batches-py/<name>), each at most MAX_MEMBER_BYTES, so no path inside the archive is
+    ever written to disk; even so, an archive holding a link, an absolute path or a `..` member
+    is refused, as an extractor would have to. Every batch's structure is checked.
     """
-    wanted = {*TRAIN_BATCHES, TEST_BATCH, META}
+    wanted = {f"{MEMBER_DIR}/{name}": name for name in (*TRAIN_BATCHES, TEST_BATCH, META)}
     found = {}
     try:
         with tarfile.open(archive, "r:*") as tar:
             for member in tar:
                 _check_member(archive, member)
-                name = Path(member.name).name
-                if member.isfile() and name in wanted:
-                    found[name] = tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError) as error:
+                name = wanted.get(member.name)
+                if name is None or not member.isfile():
+                    continue
+                if name in found:
+                    raise UserError(f"{archive}: member {member.name} appears twice")
+                if member.size > MAX_MEMBER_BYTES:
+                    raise UserError(
+                        f"{archive}: member {member.name} holds {member.size:,} bytes; a CIFAR "
+                        f"batch holds about 30 MB (refused unread above {MAX_MEMBER_BYTES:,})"
+                    )
+                found[name] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
         raise UserError(f"{archive} is not a readable tar archive ({error})") from None
-    missing = sorted(wanted - found.keys())
+    missing = [f"{MEMBER_DIR}/{n}" for n in wanted.values() if n not in found]
     if missing:
         raise UserError(f"{archive} lacks CIFAR-10 members: {', '.join(missing)}")
-    meta = _unpickle(found[META], META)
-    classes = tuple(_decode(name) for name in _key(meta, "label_names"))
+    classes = _class_names(_unpickle(found[META], META), archive)
 
     def load(names):
-        batches = [_unpickle(found[name], name) for name in names]
-        data = np.concatenate([np.asarray(_key(b, "data"), dtype=np.uint8) for b in batches])
-        labels = np.concatenate([np.asarray(_key(b, "labels"), dtype=np.int64) for b in batches])
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
-            raise UserError(f"{archive}: batches are not N x 3072 pixels with N labels")
-        if labels.min() < 0 or labels.max() >= len(classes):
-            raise UserError(f"{archive}: labels outside 0..{len(classes) - 1}")
+        batches = [
+            _batch(_unpickle(found[name], name), name, archive, len(classes)) for name in names
+        ]
+        data = np.concatenate([data for data, _ in batches])
+        labels = np.concatenate([labels for _, labels in batches])
+        if not len(labels):
+            raise UserError(f"{archive}: {', '.join(names)} hold no images")
         return Split(data.reshape(-1, 3, 32, 32), labels, classes)
 
     return load(TRAIN_BATCHES), load([TEST_BATCH])
+
+
+def _class_names(meta, archive):
+    names = _key(meta, "label_names") if isinstance(meta, dict) else None
+    if not isinstance(names, list) or len(names) < 2:
+        raise UserError(f"{archive}: {META} has no list of label_names (at least two classes)")
+    return tuple(_decode(name) for name in names)
+
+
+def _batch(batch, name, archive, num_classes):
+    """(uint8 N x 3072 pixels, int64 N labels) of one unpickled batch, its structure checked."""
+    where = f"{archive}: {MEMBER_DIR}/{name}"
+    if not isinstance(batch, dict):
+        raise UserError(f"{where} is a {type(batch).__name__}, not a dict of data and labels")
+    data, labels = _key(batch, "data"), _key(batch, "labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise UserError(f"{where}: data is not a 2-d uint8 array (N images x {PIXELS} pixels)")
+    if data.shape[1] != PIXELS:
+        raise UserError(f"{where}: data rows hold {data.shape[1]} values, not {PIXELS}")
+    if not isinstance(labels, list | np.ndarray) or len(labels) != len(data):
+        raise UserError(f"{where}: expected {len(data)} labels, one per image")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{where}: labels are not integers") from None
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise UserError(f"{where}: labels outside 0..{num_classes - 1}")
+    return data, labels
 
 
 def _decode(name):
