@@ -176,3 +176,18 @@ def test_a_member_far_larger_than_a_batch_is_refused_unread(tmp_path, monkeypatc
     monkeypatch.setattr(sources, "MAX_MEMBER_BYTES", 1000)  # the real bound is 64 MiB
     with pytest.raises(UserError, match=r"data_batch_1 holds [\d,]+ bytes; a CIFAR batch"):
         read_cifar10(write_cifar_archive(tmp_path / "a.tar.gz"))
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ({"val_fraction": 0.01}, "the val split has no image of class"),
+        ({"val_fraction": 0.99}, "the train split has no image of class"),
+        ({"test_size": 5}, "the test split has no image of class"),
+    ],
+)
+def test_splits_too_small_for_every_class_name_the_knob(archive, sizes, message):
+    train, test = read_cifar10(archive)
+    options = {"val_fraction": 0.2, "seed": 0, **sizes}
+    with pytest.raises(UserError, match=message):
+        make_splits(train, test, **options)

@@ -155,7 +155,8 @@ def test_interrupted_training_leaves_no_output(workdir, archive, signum):
     process = stage(workdir, "train", "mlp")
     wait_for((layout.checkpoint_dir("mlp") / "last.ckpt").exists, process)
     process.send_signal(signum)
-    assert process.wait(timeout=60) != 0
+    assert process.wait(timeout=60) == 130  # as featurize: not Lightning's exit status 1
+    assert "interrupted: no output of this stage was completed" in process.stderr.read()
     for output in (layout.model_file("mlp"), layout.train_metrics("mlp")):
         assert not output.exists()
     assert not layout.history_file("mlp").exists() and leftovers(workdir) == []
@@ -228,3 +229,18 @@ def test_split_metrics_count_skipped_images(tmp_path):
     metrics = json.loads((tmp_path / "metrics" / "split.json").read_text())
     assert metrics["skipped"] == 1 and metrics["train"]["total"] + metrics["val"]["total"] == 16
     assert "skipped unreadable image imgs/cat/bad.png" in result.stderr
+
+
+def test_a_folder_it_may_not_write_gets_one_line(capsys):
+    # As root (CI), permission bits do not stop a write: the error a read-only folder raises.
+    @exit_on_user_error
+    def stage_main():
+        raise PermissionError(errno.EACCES, "Permission denied", "metrics/train_mlp.json")
+
+    with pytest.raises(SystemExit) as stop:
+        stage_main()
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: metrics/train_mlp.json: Permission denied; give this user access to it (or its "
+        "folder) and rerun"
+    ]

@@ -3,15 +3,16 @@
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from conftest import REPO, RunsCode
 from torch import nn
+from torchvision import models as tvm
 
 from transfer_study.errors import UserError
 from transfer_study.features import prepare_extractor
 from transfer_study.models import BACKBONES, backbone_spec, count_params, feature_extractor
 from transfer_study.nets import mlp
 from transfer_study.networks import build_net
-from transfer_study.params import ACTIVATIONS, load_params
+from transfer_study.params import ACTIVATIONS, deep_merge, parse_params
 from transfer_study.training import Classifier, param_groups
 
 # Every hand-registered backbone, and torchvision models taken by name (one per family kind:
@@ -74,7 +75,9 @@ def section(name, **overrides):
     raw = yaml.safe_load(open(f"{REPO}/params.yaml"))
     if name not in raw:
         overrides = {**raw["resnet50"], "trainable_layers": 0, "train": {}, **overrides}
-    return load_params(f"{REPO}/params.yaml", {"models": {name: True}, name: overrides}).model(name)
+    # parse_params: a torchvision model by name has no stages in dvc.yaml to check.
+    raw = deep_merge(raw, {"models": {name: True}, name: overrides})
+    return parse_params(raw).model(name)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -175,3 +178,19 @@ def test_lr_decay_gives_each_block_its_rate():
     assert lrs == [0.01, 0.005, 0.0025]  # head, layer4[1], layer4[0]
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     assert sum(p.numel() for g in groups for p in g["params"]) == trainable
+
+
+def test_damaged_weights_files_get_one_line_and_run_nothing(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save(tvm.resnet18().state_dict(), good)
+    text = tmp_path / "passwd"
+    text.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    hostile, sentinel = tmp_path / "hostile.pth", tmp_path / "sentinel"
+    torch.save({"weight": RunsCode(sentinel)}, hostile)
+    for path in (text, truncated, hostile):
+        with pytest.raises(UserError, match=f"weights file {path} is not a state_dict"):
+            feature_extractor("resnet18", str(path), 32)
+    assert not sentinel.exists()
+    assert feature_extractor("resnet18", str(good), 32) is not None

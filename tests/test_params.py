@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from conftest import REPO
 
 from transfer_study.params import ParamsError, load_params
@@ -60,7 +61,7 @@ def test_model_train_section_overrides_only_that_model():
         ({"mlp": {"activation": "swish"}}, "mlp.activation = 'swish': accepts one of relu"),
         ({"mlp": {"train": {"lr": -1}}}, "mlp.train.lr = -1.0"),
         ({"data": {"val_fraction": 1.0}}, "data.val_fraction = 1.0: accepts a number in (0, 1)"),
-        ({"mlp": {"image_size": 2}}, "mlp.image_size = 2: accepts an integer >= 4"),
+        ({"mlp": {"image_size": 2}}, "mlp.image_size = 2: accepts an integer from 4 to 256"),
         ({"models": {"resnet": True}}, "models lists 'resnet', which has no section"),
         ({"resnet99": {}}, "unknown key 'resnet99' (valid: seed, models, data, train, or the"),
         ({"models": ["mlp", "lite0"]}, "models: expected a mapping of model name -> true or"),
@@ -79,9 +80,18 @@ def test_model_train_section_overrides_only_that_model():
         ({"data": {"dataset": "mnist", "md5": "0" * 32}}, "accepts official, null (no check)"),
         ({"data": {"md5": "abc"}}, "data.md5 = 'abc': accepts official, null (no check) or a"),
         ({"data": {"image_size": 64}}, "data.image_size = 64: accepts null for cifar10"),
-        ({"data": {"dataset": "folder"}}, "data.image_size = None: accepts an integer >= 8"),
+        ({"data": {"dataset": "folder"}}, "data.image_size = None: accepts an integer from 8"),
         ({"vgg16": {"weights": "/no/such.pth"}}, "vgg16.weights = '/no/such.pth'"),
         ({"train": {"hflip": "yes"}}, "train.hflip: expected true or false"),
+        ({"seed": -1}, "seed = -1: accepts an integer from 0 to 4294967295"),
+        ({"seed": 99999999999999999999}, "seed = 99999999999999999999: accepts an integer from 0"),
+        ({"mlp": {"image_size": 2048}}, "mlp.image_size = 2048: accepts an integer from 4 to 256"),
+        ({"vgg16": {"image_size": 4096}}, "vgg16.image_size = 4096: accepts an integer up to 1024"),
+        ({"data": {"path": "/usr"}}, "data.path = '/usr': accepts data/images for cifar10"),
+        (
+            {"data": {"dataset": "folder", "image_size": 5000}},
+            "data.image_size = 5000: accepts an integer from 8 to 1024",
+        ),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):
@@ -110,3 +120,19 @@ def test_stage_prints_one_line_and_exits_2(tmp_path):
         "scheduler, gamma, batch_size, max_epochs, patience, min_delta, hflip, crop, accelerator, "
         "devices, num_nodes, strategy, precision, compile, deterministic, resume)"
     ]
+
+
+def test_a_model_without_stages_is_refused_before_anything_runs(tmp_path):
+    raw = yaml.safe_load(open(PARAMS))
+    raw["models"]["resnet18"] = True
+    raw["resnet18"] = raw["resnet50"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "dvc.yaml").write_text(open(f"{REPO}/dvc.yaml").read())
+    with pytest.raises(
+        ParamsError,
+        match="models.resnet18 is true, but dvc.yaml has no "
+        "featurize_resnet18 or train_resnet18 stage",
+    ):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "dvc.yaml").unlink()  # no pipeline beside the params: nothing to check
+    assert "resnet18" in load_params(tmp_path / "params.yaml").models

@@ -18,7 +18,7 @@ from PIL import Image
 
 from transfer_study.data import make_splits
 from transfer_study.datasets import DATASETS
-from transfer_study.download import download_dataset
+from transfer_study.download import download_dataset, fetch
 from transfer_study.errors import UserError
 from transfer_study.params import DataParams
 from transfer_study.sources import read_cifar10, read_folder, read_mnist
@@ -238,3 +238,14 @@ def test_mnist_study_end_to_end_through_the_stages(tmp_path):
     assert saved["state_dict"]["2.0.weight"].shape == (128, 28 * 28)
     assert json.loads((project / "metrics" / "split.json").read_text())["test"]["total"] == 50
     assert (project / "reports" / "figures" / "misclassified_mlp.png").exists()
+
+
+def test_a_fifo_named_like_an_image_is_refused_not_read(tmp_path):
+    write_folder(tmp_path / "imgs")
+    os.mkfifo(tmp_path / "imgs" / "cat" / "pipe.jpg")  # opening it to read would block
+    with pytest.raises(UserError, match=r"cannot read image .*pipe.jpg \(not a regular file\)"):
+        read_folder(tmp_path / "imgs", 16)
+    train, _, skipped = read_folder(tmp_path / "imgs", 16, bad_images="skip")
+    assert skipped == [str(tmp_path / "imgs" / "cat" / "pipe.jpg")] and len(train.labels) == 18
+    with pytest.raises(UserError, match=r"data.url = .*pipe.jpg: not a regular file"):
+        fetch(str(tmp_path / "imgs" / "cat" / "pipe.jpg"), tmp_path / "out")

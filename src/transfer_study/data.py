@@ -58,11 +58,33 @@ def make_splits(train, test, val_fraction, seed, train_size=None, test_size=None
     test_idx = np.arange(len(test.labels))
     if test_size is not None and test_size < len(test_idx):
         test_idx = stratified_sample(test.labels, test_size, rng)
-    return {
+    splits = {
         "train": _subset(train, pool[~is_val]),
         "val": _subset(train, pool[is_val]),
         "test": _subset(test, test_idx),
     }
+    for name, split in splits.items():
+        _check_every_class(name, split, classes_present)
+    return splits
+
+
+# What raises a split's images per class (a folder without test/ draws test by val_fraction too).
+_MORE_IMAGES = {
+    "train": "lower data.val_fraction or raise data.train_size",
+    "val": "raise data.val_fraction or data.train_size",
+    "test": "raise data.test_size (or data.val_fraction for a folder without test/)",
+}
+
+
+def _check_every_class(name, split, classes):
+    """Early stopping needs val images, scores need test images: of every class, in every split."""
+    missing = sorted(set(classes.tolist()) - set(split.labels.tolist()))
+    if missing:
+        raise UserError(
+            f"the {name} split has no image of class {split.classes[missing[0]]!r} "
+            f"({len(split.labels)} images for {len(classes)} classes): {_MORE_IMAGES[name]}, "
+            "or add images"
+        )
 
 
 def channel_stats(images):

@@ -117,7 +117,8 @@ def _open(url, timeout):
             yield response, int(length) if length else None
         return
     path = Path(parsed.path) if parsed.scheme == "file" else layout.user_path(url)
-    if not path.is_file():
-        raise UserError(f"data.url = {url}: no such file ({path})")
+    if not path.is_file():  # a FIFO or a device would block the read, or never end it
+        what = "not a regular file" if path.exists() else "no such file"
+        raise UserError(f"data.url = {url}: {what} ({path})")
     with path.open("rb") as file:
         yield file, path.stat().st_size

@@ -32,13 +32,20 @@ def exit_on_user_error(main):
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
         except OSError as error:
-            if error.errno != errno.ENOSPC:
+            if error.errno == errno.ENOSPC:
+                print(
+                    f"error: disk full writing {error.filename or 'an output'}; free space and "
+                    "rerun (nothing partial was kept)",
+                    file=sys.stderr,
+                )
+            elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                print(
+                    f"error: {error.filename or 'a file'}: {error.strerror}; give this user "
+                    "access to it (or its folder) and rerun",
+                    file=sys.stderr,
+                )
+            else:
                 raise
-            print(
-                f"error: disk full writing {error.filename or 'an output'}; free space and "
-                "rerun (nothing partial was kept)",
-                file=sys.stderr,
-            )
             sys.exit(2)
         except KeyboardInterrupt:
             print(

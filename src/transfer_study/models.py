@@ -1,6 +1,7 @@
 """Model registry: each name maps to its builder and its input spec (size, mean/std, min size)."""
 
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,11 +50,21 @@ def _generic_blocks(module):
 
 def _load_state(model, path):
     """Load a state_dict file (tensors only: nothing in it can run code) into `model`."""
-    state = torch.load(layout.user_path(path), map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():  # torch warns about odd files before refusing them
+            warnings.simplefilter("ignore")
+            state = torch.load(layout.user_path(path), map_location="cpu", weights_only=True)
+    # Any of torch's errors means the same here, and its messages advise weights_only=False,
+    # which would run the file's code: none is shown.
+    except Exception:
+        raise UserError(
+            f"weights file {path} is not a state_dict (damaged, truncated, or not a file of "
+            "tensors: refused unread); point weights at torchvision's .pth file"
+        ) from None
     try:
         model.load_state_dict(state)
-    except RuntimeError as error:
-        first = str(error).splitlines()[0]
+    except (RuntimeError, TypeError, AttributeError, KeyError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"weights file {path} does not fit this backbone: {first}") from None
     return model
 

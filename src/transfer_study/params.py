@@ -37,6 +37,10 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 STRATEGIES = ("auto", "ddp", "ddp_spawn")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true")
 MLP_MIN_SIZE = 4  # pixels; a backbone's smallest input is its registry entry's (models.py)
+MLP_MAX_SIZE = 256  # pixels: 3 x 256 x 256 inputs already make a 50M-weight first layer
+MAX_IMAGE_SIZE = 1024  # pixels, for stored and backbone images: 4x ImageNet's usual input
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed range
+DEFAULT_DATA_PATH = "data/images"
 COMMON_KEYS = ("seed", "models", "data", "train")
 
 
@@ -133,7 +137,9 @@ def load_params(path="params.yaml", overrides=None):
         raw = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as error:
         raise ParamsError(f"cannot read {path}: {error}") from None
-    return parse_params(deep_merge(raw or {}, overrides or {}))
+    params = parse_params(deep_merge(raw or {}, overrides or {}))
+    check_stages(params, Path(path).parent / "dvc.yaml")
+    return params
 
 
 def parse_params(raw):
@@ -173,6 +179,23 @@ def parse_params(raw):
     )
     _validate(params)
     return params
+
+
+def check_stages(params, dvc_yaml):
+    """Every model in the study has its stages in dvc.yaml: otherwise the pipeline would run to
+    evaluate and fail there, for want of a model file DVC never asked for."""
+    try:
+        stages = yaml.safe_load(Path(dvc_yaml).read_text()).get("stages") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return  # no pipeline here (a script's own params): nothing to check against
+    for name in params.models:
+        needed = ["train"] if name == "mlp" else ["featurize", "train"]
+        lacking = [f"{kind}_{name}" for kind in needed if f"{kind}_{name}" not in stages]
+        if lacking:
+            raise ParamsError(
+                f"models.{name} is true, but dvc.yaml has no {' or '.join(lacking)} stage: copy "
+                "resnet50's stages for it (README, Backbones and fine-tuning), or set it false"
+            )
 
 
 def _parse_models(raw):
@@ -309,12 +332,19 @@ def _validate_data(data):
     )
     if data.dataset == "folder":
         _check(
-            data.image_size is not None and data.image_size >= 8,
+            data.image_size is not None and 8 <= data.image_size <= MAX_IMAGE_SIZE,
             "data.image_size",
             data.image_size,
-            "an integer >= 8: the size folder images are stored at",
+            f"an integer from 8 to {MAX_IMAGE_SIZE}: the size folder images are stored at",
         )
     else:
+        # split lists data.path as a dependency: DVC would hash whatever folder it names.
+        _check(
+            data.path == DEFAULT_DATA_PATH,
+            "data.path",
+            data.path,
+            f"{DEFAULT_DATA_PATH} for {data.dataset} (only the folder dataset reads data.path)",
+        )
         _check(
             data.image_size is None,
             "data.image_size",
@@ -325,6 +355,13 @@ def _validate_data(data):
 
 def _validate_backbone(name, section):
     _validate_layers(section.head, f"{name}.head")
+    # The smallest size is the registry's, checked where the backbone is built (models.py).
+    _check(
+        section.image_size <= MAX_IMAGE_SIZE,
+        f"{name}.image_size",
+        section.image_size,
+        f"an integer up to {MAX_IMAGE_SIZE}",
+    )
     weights = section.weights
     _check(
         weights in ("imagenet", "none") or layout.user_path(weights).is_file(),
@@ -345,6 +382,7 @@ def _validate_backbone(name, section):
 def _validate(params):
     data = params.data
     _validate_data(data)
+    _check(0 <= params.seed <= MAX_SEED, "seed", params.seed, f"an integer from 0 to {MAX_SEED}")
     _check(0 < data.val_fraction < 1, "data.val_fraction", data.val_fraction, "a number in (0, 1)")
     for name in ("train_size", "test_size"):
         value = getattr(data, name)
@@ -354,10 +392,10 @@ def _validate(params):
         if name == "mlp":
             _validate_layers(section, name)
             _check(
-                section.image_size >= MLP_MIN_SIZE,
+                MLP_MIN_SIZE <= section.image_size <= MLP_MAX_SIZE,
                 "mlp.image_size",
                 section.image_size,
-                f"an integer >= {MLP_MIN_SIZE}",
+                f"an integer from {MLP_MIN_SIZE} to {MLP_MAX_SIZE}",
             )
         else:
             _validate_backbone(name, section)

@@ -24,11 +24,11 @@ def image_files(paths):
     for path in map(Path, paths):
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            found = [p for p in found if p.is_file()]
+            found = [p for p in found if not p.is_dir()]  # a FIFO is named when read
             files += found
             if not found:
                 problems.append((path, f"a folder without images ({', '.join(IMAGE_SUFFIXES)})"))
-        elif path.is_file():
+        elif path.exists():  # a file, or something that is not one: read_image names it
             files.append(path)
         else:
             problems.append((path, "no such file or folder"))

@@ -251,6 +251,8 @@ UNREADABLE_IMAGE = (OSError, ValueError, Image.DecompressionBombError)
 def read_image(path, shape):
     """uint8 C x H x W pixels of an image file: grayscale (C = 1) or RGB, resized to H x W."""
     channels, height, width = shape
+    if not Path(path).is_file():  # a FIFO or a device would block the read, or never end it
+        raise OSError("not a regular file")
     with Image.open(path) as image:
         converted = image.convert("L" if channels == 1 else "RGB")
         pixels = np.asarray(converted.resize((width, height), Image.BILINEAR))

@@ -338,7 +338,14 @@ def train_model(name, params, callbacks=()):
         log_every_n_steps=1,  # metrics are logged per epoch; this only silences a hint
     )
     started = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    except SystemExit:
+        # Lightning turns Ctrl+C (and SIGTERM, which the stage maps to it) into sys.exit(1):
+        # an interruption is one, for the stage's exit status 130 and its one line.
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
     seconds = time.perf_counter() - started
     if not trainer.is_global_zero:  # rank 0 writes the outputs
         return None
