@@ -83,6 +83,15 @@ def test_every_stage_says_what_it_is_for_and_every_model_is_an_artifact():
     assert all(a["type"] == "model" for a in artifacts.values())
 
 
+def test_metrics_lists_only_the_headline_files():
+    trained = {stage.split("_", 1)[1] for stage in STAGES if stage.startswith("train_")}
+    declared = yaml.safe_load((ROOT / "dvc.yaml").read_text())["metrics"]
+    assert set(declared) == {
+        "metrics/evaluate.json",
+        *(f"dvclive/{m}/metrics.json" for m in trained),
+    }
+
+
 def test_closure_follows_imports_inside_functions():
     # stages/train.py imports the trainer only once it knows the model is in the study.
     assert "src/transfer_study/training.py" in package_closure(ROOT / "stages/train.py")

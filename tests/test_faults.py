@@ -7,8 +7,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -103,6 +105,10 @@ def test_resume_continues_an_interrupted_run(workdir, archive):
     # Epoch 3 was lost with the kill (its checkpoint was not written) and ran again, drawing the
     # same random numbers from the saved random state: every epoch matches.
     np.testing.assert_allclose(history, reference, rtol=1e-5)
+    # DVCLive's curves hold the first attempt's epochs too (DVC empties its folder on a rerun).
+    curve = pd.read_csv(layout.live_dir("mlp") / "plots/metrics/val/loss.tsv", sep="\t")
+    assert curve["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(curve["loss"], reference[:, 3], rtol=1e-5)
     assert not layout.checkpoint_dir("mlp").exists()  # finished: nothing left to resume
 
 
@@ -143,6 +149,10 @@ def wait_for(condition, process, seconds=120):
         time.sleep(0.05)
 
 
+def train_outputs(name):
+    return layout.model_file(name), layout.history_file(name), layout.train_metrics(name)
+
+
 def leftovers(workdir):
     """Temporary files of atomic writes (.<name>.tmp<pid><suffix>) anywhere in the project."""
     return [p for p in workdir.rglob(".*.tmp*")]
@@ -157,9 +167,8 @@ def test_interrupted_training_leaves_no_output(workdir, archive, signum):
     process.send_signal(signum)
     assert process.wait(timeout=60) == 130  # as featurize: not Lightning's exit status 1
     assert "interrupted: no output of this stage was completed" in process.stderr.read()
-    for output in (layout.model_file("mlp"), layout.train_metrics("mlp")):
-        assert not output.exists()
-    assert not layout.history_file("mlp").exists() and leftovers(workdir) == []
+    assert not any(output.exists() for output in train_outputs("mlp"))
+    assert leftovers(workdir) == []
 
 
 def test_interrupted_featurize_leaves_no_output(workdir, archive):
@@ -244,3 +253,57 @@ def test_a_folder_it_may_not_write_gets_one_line(capsys):
         "error: metrics/train_mlp.json: Permission denied; give this user access to it (or its "
         "folder) and rerun"
     ]
+
+
+def test_training_writes_its_outputs_as_one_set(workdir, archive, monkeypatch, capsys):
+    def full_disk(self, path, **kwargs):  # the history, written after the model file's bytes
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full_disk)
+
+    @exit_on_user_error
+    def stage_main():
+        train_model("mlp", params(archive))
+
+    with pytest.raises(SystemExit) as stop:
+        stage_main()
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: disk full writing")
+    assert not any(output.exists() for output in train_outputs("mlp"))
+    assert leftovers(workdir) == []
+
+
+def _gone(pid):
+    """Whether process `pid` has ended (a zombie nobody reaped has ended too)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
+def test_a_stage_whose_dvc_parent_dies_stops_and_writes_nothing(workdir, archive):
+    long_run = {"max_epochs": 10_000, "patience": 10_000}
+    write_params(workdir / "params.yaml", deep_merge(tiny_overrides(archive), {"train": long_run}))
+    launcher = (  # stands in for DVC: starts the stage, then is killed with SIGKILL
+        "import subprocess, sys, time\n"
+        "stage = subprocess.Popen(sys.argv[1:], stderr=subprocess.DEVNULL)\n"
+        "print(stage.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{REPO}/src", "DVC_STAGE": "train_mlp"}
+    command = [sys.executable, "-c", launcher, sys.executable, f"{REPO}/stages/train.py", "mlp"]
+    parent = subprocess.Popen(
+        command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    stage_pid = int(parent.stdout.readline())
+    wait_for((layout.checkpoint_dir("mlp") / "last.ckpt").exists, parent)  # training runs
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 60
+    while not _gone(stage_pid):
+        assert time.monotonic() < deadline, "the orphaned stage is still running"
+        time.sleep(0.1)
+    assert not any(output.exists() for output in train_outputs("mlp"))
+    assert leftovers(workdir) == []

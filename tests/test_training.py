@@ -14,7 +14,7 @@ from conftest import REPO, TRAIN_KEYS, tiny_overrides, write_params
 from transfer_study import layout
 from transfer_study.data import load_split
 from transfer_study.errors import UserError
-from transfer_study.evaluation import evaluate_models
+from transfer_study.evaluation import evaluate_models, predict_logits
 from transfer_study.features import featurize_model
 from transfer_study.networks import build_net, load_trained
 from transfer_study.optim import optimizer_class
@@ -166,8 +166,9 @@ def test_loader_shards_by_rank_and_reshuffles_by_epoch():
     assert sorted(shards[0] + shards[1]) == list(range(20))
 
 
-def test_ddp_with_two_cpu_processes(workdir, archive):
-    ddp = {"train": {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "max_epochs": 2}}
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_ddp_with_two_cpu_processes(workdir, archive, strategy):
+    ddp = {"train": {"accelerator": "cpu", "devices": 2, "strategy": strategy, "max_epochs": 2}}
     write_params(workdir / "params.yaml", deep_merge(tiny_overrides(archive), ddp))
     env = {**os.environ, "PYTHONPATH": f"{REPO}/src"}
     result = subprocess.run(
@@ -182,6 +183,9 @@ def test_ddp_with_two_cpu_processes(workdir, archive):
     metrics = json.loads(layout.train_metrics("mlp").read_text())
     assert TRAIN_KEYS <= metrics.keys() and metrics["epochs"] == 2
     assert "distributed_backend=gloo" in result.stderr + result.stdout
+    # The headline summary comes from the launching process, whichever process trained.
+    summary = json.loads(layout.live_summary("mlp").read_text())
+    assert summary["epochs"] == 2 and summary["step"] == metrics["best_epoch"]
 
 
 def test_featurize_caches_mirrored_train_features(workdir, archive):
@@ -290,3 +294,27 @@ def test_compile_param_compiles_the_trained_network(workdir, archive, monkeypatc
     assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Sequential)
     train_model("mlp", params(archive, train={"compile": False, "max_epochs": 1}))
     assert len(compiled) == 1
+
+
+def test_dvclive_logs_each_epoch_and_summarizes_the_kept_one(workdir, archive):
+    # A high lr makes val loss wander, so the kept epoch is rarely the last.
+    p = params(archive, train={"max_epochs": 8, "patience": 3, "lr": 0.05})
+    metrics = train_model("mlp", p)
+    history = pd.read_csv(layout.history_file("mlp"))
+    kept = history.loc[history["val_loss"].idxmin()]
+    summary = json.loads(layout.live_summary("mlp").read_text())
+    assert summary == {
+        "step": int(kept["epoch"]),
+        "val": {"loss": pytest.approx(kept["val_loss"]), "acc": pytest.approx(kept["val_acc"])},
+        "epochs": len(history),
+        "train_seconds": metrics["train_seconds"],
+    }
+    curve = pd.read_csv(layout.live_dir("mlp") / "plots/metrics/val/loss.tsv", sep="\t")
+    assert curve["step"].tolist() == history["epoch"].tolist()  # one row per epoch, 1-based
+    np.testing.assert_allclose(curve["loss"], history["val_loss"], rtol=1e-6)
+    # The model file holds the kept epoch's weights: its val loss is the summary's.
+    net, section, _ = load_trained(layout.model_file("mlp"))
+    val = load_split(layout.split_file("val"))
+    logits = predict_logits(net, val.images)
+    loss = float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(val.labels)))
+    assert loss == pytest.approx(summary["val"]["loss"], rel=1e-4)

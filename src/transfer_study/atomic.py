@@ -20,10 +20,23 @@ def atomic_path(path):
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def atomic_paths(*paths):
+    """atomic_path for several outputs that make one set: none is renamed into place unless the
+    block writes them all."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(atomic_path(path)) for path in paths]
+
+
+def json_text(data):
+    """The text of every JSON file the project writes: indented, keys in their order."""
+    return json.dumps(data, indent=2, sort_keys=False) + "\n"
+
+
 def write_json(path, data):
     """Write `data` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json_text(data))
 
 
 def write_text(path, text):

@@ -2,8 +2,13 @@
 
 import errno
 import functools
+import os
 import signal
 import sys
+import threading
+import time
+
+PARENT_POLL_SECONDS = 1.0  # how soon a stage notices that DVC, which started it, is gone
 
 
 class UserError(Exception):
@@ -16,6 +21,23 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def _stop_when_orphaned():
+    """Under DVC (which sets DVC_STAGE), stop as on SIGTERM once the process that started this
+    stage is gone: a killed `dvc exp run` or a closed terminal must not leave the stage writing
+    outputs into a workspace nobody records. An orphan is handed to another parent, so its
+    parent pid changes."""
+    if "DVC_STAGE" not in os.environ:
+        return
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def exit_on_user_error(main):
     """Wrap a stage's main(): a UserError or a full disk prints one line and exits with status 2;
     SIGINT/SIGTERM stop it with status 130, leaving no output half-written."""
@@ -26,6 +48,7 @@ def exit_on_user_error(main):
         # A job started in the background by a script inherits SIGINT ignored; `kill -INT`
         # should still stop it like Ctrl+C.
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        _stop_when_orphaned()
         try:
             return main(*args, **kwargs)
         except UserError as error:

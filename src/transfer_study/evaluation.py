@@ -50,15 +50,16 @@ def score(logits, labels, classes):
 
 def evaluate_models(models):
     """Score each trained model on the test split: the headline figures in evaluate.json, each
-    test image's prediction in predictions/<model>.csv (for the models in the study only)."""
-    shutil.rmtree(layout.PREDICTIONS_DIR, ignore_errors=True)  # no left-out model's old table
-    results = {}
+    test image's prediction in predictions/<model>.csv (for the models in the study only).
+    Every model is scored before anything is written, so a bad model file changes nothing."""
+    results, tables = {}, {}
     for name in models:
         net, section, _ = load_trained(layout.model_file(name))
         inputs, test = load_inputs(name, section, "test")
-        metrics, predictions = score(predict_logits(net, inputs), test.labels, test.classes)
+        results[name], tables[name] = score(predict_logits(net, inputs), test.labels, test.classes)
+    shutil.rmtree(layout.PREDICTIONS_DIR, ignore_errors=True)  # no left-out model's old table
+    for name, table in tables.items():
         with atomic_path(layout.predictions_file(name)) as tmp:
-            predictions.to_csv(tmp, index=False)
-        results[name] = metrics
+            table.to_csv(tmp, index=False)
     write_json(layout.EVALUATE_METRICS, results)
     return results

@@ -6,17 +6,28 @@ import pytorch_lightning as pl
 from dvclive import Live
 
 from . import layout
+from .atomic import write_json
 
-LOGGED = ("train/loss", "train/acc", "val/loss", "val/acc")
+LOGGED = {
+    "train/loss": "train_loss",
+    "train/acc": "train_acc",
+    "val/loss": "val_loss",
+    "val/acc": "val_acc",
+}  # DVCLive's name -> the history's column
 
 
 class LiveProgress(pl.Callback):
     """Logs each epoch to dvclive/<model>/ (its step is the epoch, 1-based): the curves by epoch,
-    and a summary (metrics.json) that DVC reads while the stage runs. `finish` then leaves in the
-    summary the best epoch's values, the weights that early stopping keeps."""
+    and a summary (metrics.json) that DVC reads while the stage runs. `finish` then writes the
+    summary of the run: the values of the epoch whose weights the model keeps.
 
-    def __init__(self, name):
-        self.folder = layout.live_dir(name)
+    `earlier`: the history of an interrupted run being resumed, logged again first, since DVC
+    empties the folder before the stage runs.
+    """
+
+    def __init__(self, name, earlier=None):
+        self.name = name
+        self.earlier = earlier
         self.live = None
 
     def on_train_start(self, trainer, module):
@@ -24,29 +35,39 @@ class LiveProgress(pl.Callback):
             return
         try:
             # dvcyaml=False: dvc.yaml declares this folder itself and must never be rewritten.
-            self.live = Live(str(self.folder), dvcyaml=False, save_dvc_exp=False, report=None)
+            folder = str(layout.live_dir(self.name))
+            self.live = Live(folder, dvcyaml=False, save_dvc_exp=False, report=None)
         except Exception as error:  # DVCLive is a view: training goes on without it
-            print(f"no live progress in {self.folder} ({error})", file=sys.stderr)
+            print(f"{self.name}: no live progress ({error})", file=sys.stderr)
+            return
+        if self.earlier is not None:
+            done = self.earlier[self.earlier["epoch"] <= trainer.current_epoch]
+            for _, row in done.iterrows():
+                self._log(int(row["epoch"]), {key: row[column] for key, column in LOGGED.items()})
 
     def on_train_epoch_end(self, trainer, module):
         # Lightning validates before this hook, so both splits' epoch metrics are in.
-        if self.live is None or trainer.sanity_checking:
-            return
-        self.live.step = trainer.current_epoch + 1
-        for key in LOGGED:
-            if key in trainer.callback_metrics:
-                self.live.log_metric(key, float(trainer.callback_metrics[key]))
+        if self.live is not None:
+            metrics = trainer.callback_metrics
+            values = {key: float(metrics[key]) for key in LOGGED if key in metrics}
+            self._log(trainer.current_epoch + 1, values)
+
+    def _log(self, epoch, values):
+        self.live.step = epoch
+        for key, value in values.items():
+            self.live.log_metric(key, float(value))
         self.live.next_step()
 
     def finish(self, best, epochs, seconds):
-        """Summary of the finished run: `best` (a history row) is the kept epoch."""
-        if self.live is None:
-            return
+        """The run's summary: `best` (a history row) is the kept epoch. Written by this process
+        in every case (ddp_spawn trains in another, and DVCLive may have failed to start)."""
+        if self.live is not None:
+            self.live.end()
         # Nested as DVCLive nests the "val/loss" it logs live: the same columns in dvc exp show.
-        self.live.summary = {
-            "step": int(best["epoch"]),  # the best epoch: its weights are the model's
+        summary = {
+            "step": int(best["epoch"]),  # the kept epoch: its weights are the model's
             "val": {"loss": float(best["val_loss"]), "acc": float(best["val_acc"])},
             "epochs": int(epochs),
             "train_seconds": round(seconds, 2),
         }
-        self.live.end()
+        write_json(layout.live_summary(self.name), summary)

@@ -123,11 +123,11 @@ def cost_plot(cost, path):
     _save(fig, path)
 
 
-def study_tables(seconds, evaluation, histories, predictions):
+def study_tables(seconds, evaluation, histories, predictions, classes):
     """The data of the study's plots, one row per model (and epoch, split or class), for
     `dvc plots`: curves (model, split, epoch, accuracy, loss), cost (model, seconds,
     test_accuracy) and per-class accuracy (model, class, accuracy). `seconds`: model -> compute
-    seconds, in report order."""
+    seconds, in report order; `classes`, in label order (per-class rows follow it)."""
     curves = pd.concat(
         [
             pd.DataFrame(
@@ -154,7 +154,7 @@ def study_tables(seconds, evaluation, histories, predictions):
     per_class = pd.concat(
         [
             table.assign(right=table["actual"] == table["predicted"])
-            .groupby("actual", sort=False)["right"]
+            .groupby(pd.Categorical(table["actual"], categories=classes), observed=False)["right"]
             .mean()
             .rename("accuracy")
             .rename_axis("class")
@@ -165,6 +165,11 @@ def study_tables(seconds, evaluation, histories, predictions):
         ignore_index=True,
     )
     return {"curves": curves, "cost": cost, "per_class": per_class}
+
+
+def _kept(history, train):
+    """The history row of the epoch whose weights the model keeps."""
+    return history[history["epoch"] == train["best_epoch"]].iloc[0]
 
 
 def compute_seconds(name):
@@ -199,21 +204,22 @@ def write_report(models, out_dir=layout.REPORT_DIR):
                 "model": name,
                 "test accuracy": f"{evaluation[name]['test_accuracy']:.2%}",
                 "compute (s)": f"{seconds[name]:.1f}",
-                "best val accuracy": f"{train['best_val_accuracy']:.2%}",
+                # The kept epoch's, as in its DVCLive summary.
+                "val accuracy": f"{_kept(histories[name], train)['val_acc']:.2%}",
                 "epochs": train["epochs"],
                 "train time (s)": f"{train['train_seconds']:.1f}",
                 "trainable params": f"{train['trainable_params']:,}",
                 "total params": f"{train['total_params']:,}",
             }
         )
-    tables = study_tables(seconds, evaluation, histories, predictions)
+    tables = study_tables(seconds, evaluation, histories, predictions, test.classes)
     for table_name, table in tables.items():
         with atomic_path(out_dir / f"{table_name}.csv") as tmp:
             table.to_csv(tmp, index=False)
     learning_curves(histories, figures / "learning_curves.png")
     cost_plot(tables["cost"], figures / "cost.png")
     per_class = tables["per_class"].pivot(index="class", columns="model", values="accuracy")
-    text = _markdown(rows, per_class[list(models)].reindex(test.classes), models, len(test.labels))
+    text = _markdown(rows, per_class.reindex(test.classes)[list(models)], models, len(test.labels))
     write_text(out_dir / "report.md", text)
 
 
@@ -249,7 +255,11 @@ def _markdown(rows, per_class, models, test_size):
         "",
         *_table(
             ["class", *models],
-            ([c, *(f"{a:.1%}" for a in row)] for c, row in per_class.iterrows()),
+            # "-": a class without test images.
+            (
+                [c, *("-" if pd.isna(a) else f"{a:.1%}" for a in row)]
+                for c, row in per_class.iterrows()
+            ),
         ),
         "",
     ]

@@ -2,6 +2,7 @@
 
 import dataclasses
 import hashlib
+import io
 import json
 import shutil
 import sys
@@ -22,7 +23,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from torchmetrics.classification import MulticlassAccuracy
 
 from . import layout
-from .atomic import atomic_path, write_json
+from .atomic import atomic_paths, json_text
 from .errors import UserError
 from .hardware import enable_fast_cuda
 from .models import backbone_spec, count_params
@@ -320,7 +321,8 @@ def train_model(name, params, callbacks=()):
     stop = EarlyStopping(
         monitor="val/loss", mode="min", patience=train.patience, min_delta=train.min_delta
     )
-    live = LiveProgress(name)
+    logs = sorted(checkpoints.glob("logs/version_*/metrics.csv"))
+    live = LiveProgress(name, _epoch_history(logs) if resume_from and logs else None)
     trainer = pl.Trainer(
         max_epochs=train.max_epochs,
         accelerator=train.accelerator,
@@ -363,12 +365,7 @@ def train_model(name, params, callbacks=()):
         "feature_dim": feature_meta.get("feature_dim"),
         "seed": params.seed,
     }
-    with atomic_path(layout.model_file(name)) as tmp:
-        torch.save({"state_dict": module.net.state_dict(), "config": config}, tmp)
-    with atomic_path(layout.history_file(name)) as tmp:
-        history.to_csv(tmp, index=False)
     best_row = history.loc[history["val_loss"].idxmin()]
-    live.finish(best_row, len(history), seconds)
     trainable = count_params(net, trainable_only=True)
     metrics = {
         "best_val_loss": float(history["val_loss"].min()),
@@ -390,7 +387,17 @@ def train_model(name, params, callbacks=()):
             "lightning": pl.__version__,
         },
     }
-    write_json(layout.train_metrics(name), metrics)
+    # Model, history and metrics as one set: every file is written before any is renamed into
+    # place. torch.save goes through memory first: writing to a full disk then raises an OSError
+    # (one line), not the C++ stream error torch.save to a file would.
+    model_bytes = io.BytesIO()
+    torch.save({"state_dict": module.net.state_dict(), "config": config}, model_bytes)
+    outputs = (layout.model_file(name), layout.history_file(name), layout.train_metrics(name))
+    with atomic_paths(*outputs) as (model_tmp, history_tmp, metrics_tmp):
+        model_tmp.write_bytes(model_bytes.getvalue())
+        history.to_csv(history_tmp, index=False)
+        metrics_tmp.write_text(json_text(metrics))
+    live.finish(best_row, len(history), seconds)
     shutil.rmtree(checkpoints)  # finished: nothing left to resume
     return metrics
 
