@@ -59,7 +59,8 @@ def _load_state(model, path):
     except Exception:
         raise UserError(
             f"weights file {path} is not a state_dict (damaged, truncated, or not a file of "
-            "tensors: refused unread); point weights at torchvision's .pth file"
+            "tensors: refused unread); point weights at a file saved with "
+            "torch.save(model.state_dict())"
         ) from None
     try:
         model.load_state_dict(state)
