@@ -1,6 +1,7 @@
 """Model registry: each name maps to its builder and its input spec (size, mean/std, min size)."""
 
 import functools
+import pickle
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,15 +49,34 @@ def _generic_blocks(module):
     return blocks
 
 
-def _load_state(model, path):
-    """Load a state_dict file (tensors only: nothing in it can run code) into `model`."""
+class UnreadableTensors(Exception):
+    """A file torch.load(weights_only=True) refuses; the message says why, in a few words."""
+
+
+def load_tensors(path):
+    """torch.load of tensors and plain containers only (weights_only): nothing in the file runs.
+
+    Every failure is one UnreadableTensors: torch raises a dozen kinds here, and its messages
+    advise weights_only=False, which would run the file's code.
+    """
     try:
         with warnings.catch_warnings():  # torch warns about odd files before refusing them
             warnings.simplefilter("ignore")
-            state = torch.load(layout.user_path(path), map_location="cpu", weights_only=True)
-    # Any of torch's errors means the same here, and its messages advise weights_only=False,
-    # which would run the file's code: none is shown.
-    except Exception:
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        why = (
+            "not a file of tensors: refused unread"
+            if isinstance(error, pickle.UnpicklingError)
+            else "damaged or truncated"
+        )
+        raise UnreadableTensors(why) from None
+
+
+def _load_state(model, path):
+    """Load a state_dict file (tensors only: nothing in it can run code) into `model`."""
+    try:
+        state = load_tensors(layout.user_path(path))
+    except UnreadableTensors:
         raise UserError(
             f"weights file {path} is not a state_dict (damaged, truncated, or not a file of "
             "tensors: refused unread); point weights at a file saved with "

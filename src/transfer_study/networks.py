@@ -1,7 +1,5 @@
 """Networks by model section: built to train, or rebuilt from a trained model file."""
 
-import pickle
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,13 @@ from . import layout
 from .data import channel_stats, load_split
 from .errors import UserError
 from .markers import is_skipped
-from .models import backbone_spec, feature_extractor, set_trainable_layers
+from .models import (
+    UnreadableTensors,
+    backbone_spec,
+    feature_extractor,
+    load_tensors,
+    set_trainable_layers,
+)
 from .nets import Preprocess, mlp
 from .params import MlpParams, parse_section, uses_features
 
@@ -72,17 +76,8 @@ def load_trained(path):
     if is_skipped(path):
         raise UserError(f"{name} was left out of `models` in the last run: {path} is no model")
     try:
-        with warnings.catch_warnings():  # torch warns about odd files before refusing them
-            warnings.simplefilter("ignore")
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-    # torch raises a dozen kinds here, and its messages advise weights_only=False, which would
-    # run the file's code: none of them is shown.
-    except Exception as error:
-        why = (
-            "not a file of tensors: refused unread"
-            if isinstance(error, pickle.UnpicklingError)
-            else "damaged or truncated"
-        )
+        saved = load_tensors(path)
+    except UnreadableTensors as why:
         raise UserError(
             f"{path} is not a model file this project wrote ({why}); {remedy}"
         ) from None

@@ -172,9 +172,9 @@ def _kept(history, train):
     return history[history["epoch"] == train["best_epoch"]].iloc[0]
 
 
-def compute_seconds(name):
-    """Featurize plus train seconds of a model (no featurize stage work: train alone)."""
-    train = json.loads(layout.train_metrics(name).read_text())
+def compute_seconds(name, train):
+    """Featurize plus train seconds of a model (`train`: its train metrics); a model whose
+    featurize stage did no work counts its training alone."""
     featurize = layout.featurize_metrics(name)
     seconds = json.loads(featurize.read_text()).get("seconds", 0) if featurize.exists() else 0
     return train["train_seconds"] + seconds
@@ -194,7 +194,7 @@ def write_report(models, out_dir=layout.REPORT_DIR):
         predictions[name] = pd.read_csv(
             layout.predictions_file(name), dtype={"actual": str, "predicted": str}
         )
-        seconds[name] = compute_seconds(name)
+        seconds[name] = compute_seconds(name, train)
         confusion_plot(name, predictions[name], test.classes, figures / f"confusion_{name}.png")
         misclassified_grid(
             name, predictions[name], test.images, figures / f"misclassified_{name}.png"

@@ -26,7 +26,7 @@ from . import layout
 from .atomic import atomic_paths, json_text
 from .errors import UserError
 from .hardware import enable_fast_cuda
-from .models import backbone_spec, count_params
+from .models import UnreadableTensors, backbone_spec, count_params, load_tensors
 from .nets import augment
 from .networks import build_net, data_stats, load_inputs
 from .optim import build_optimizer, build_scheduler
@@ -447,10 +447,8 @@ def _resumable(path):
     """Whether a checkpoint loads whole as tensors and plain data (weights_only: nothing in a
     tampered file runs) and holds what a resumed run needs."""
     try:
-        with warnings.catch_warnings():  # torch warns about odd files before refusing them
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # damaged, truncated or tampered: any of torch's errors means "no"
+        state = load_tensors(path)
+    except UnreadableTensors:  # damaged, truncated or tampered
         return False
     return isinstance(state, dict) and {"state_dict", "rng_state", "loops"} <= state.keys()
 
