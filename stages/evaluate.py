@@ -8,7 +8,7 @@ from transfer_study.params import load_params
 @exit_on_user_error
 def main():
     params = load_params()
-    evaluate_models(params.models)
+    evaluate_models(params.models, hflip=params.evaluate.hflip)
 
 
 if __name__ == "__main__":

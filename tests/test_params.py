@@ -63,7 +63,10 @@ def test_model_train_section_overrides_only_that_model():
         ({"data": {"val_fraction": 1.0}}, "data.val_fraction = 1.0: accepts a number in (0, 1)"),
         ({"mlp": {"image_size": 2}}, "mlp.image_size = 2: accepts an integer from 4 to 256"),
         ({"models": {"resnet": True}}, "models lists 'resnet', which has no section"),
-        ({"resnet99": {}}, "unknown key 'resnet99' (valid: seed, models, data, train, or the"),
+        (
+            {"resnet99": {}},
+            "unknown key 'resnet99' (valid: seed, models, data, train, evaluate, or the",
+        ),
         ({"models": ["mlp", "lite0"]}, "models: expected a mapping of model name -> true or"),
         ({"models": {"vgg16": "yes"}}, "models.vgg16: expected true or false, got 'yes'"),
         (
@@ -84,6 +87,11 @@ def test_model_train_section_overrides_only_that_model():
         ({"vgg16": {"weights": "/no/such.pth"}}, "vgg16.weights = '/no/such.pth'"),
         ({"train": {"hflip": "yes"}}, "train.hflip: expected true or false"),
         ({"seed": -1}, "seed = -1: accepts an integer from 0 to 4294967295"),
+        ({"train": {"warmup_epochs": 30}}, "train.warmup_epochs = 30.0: accepts a number >= 0 and"),
+        ({"train": {"label_smoothing": 1}}, "train.label_smoothing = 1.0: accepts a number in [0,"),
+        ({"mlp": {"norm": "group"}}, "mlp.norm = 'group': accepts one of none, batch, layer"),
+        ({"mlp": {"residual": 1}}, "mlp.residual: expected true or false, got 1"),
+        ({"evaluate": {"tta": True}}, "unknown key 'evaluate.tta' (valid: hflip)"),
         ({"seed": 99999999999999999999}, "seed = 99999999999999999999: accepts an integer from 0"),
         ({"mlp": {"image_size": 2048}}, "mlp.image_size = 2048: accepts an integer from 4 to 256"),
         ({"vgg16": {"image_size": 4096}}, "vgg16.image_size = 4096: accepts an integer up to 1024"),
@@ -117,8 +125,8 @@ def test_stage_prints_one_line_and_exits_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: unknown key 'train.lrr' (valid: optimizer, lr, momentum, weight_decay, l1, "
-        "scheduler, gamma, batch_size, max_epochs, patience, min_delta, hflip, crop, accelerator, "
-        "devices, num_nodes, strategy, precision, compile, deterministic, resume)"
+        "scheduler, gamma, warmup_epochs, label_smoothing, batch_size, max_epochs, patience, "
+        "min_delta, hflip, crop, accelerator, devices, num_nodes, strategy, precision, compile, deterministic, resume)"
     ]
 
 

@@ -9,8 +9,10 @@ import torch.nn.functional as F
 
 from . import layout
 from .atomic import atomic_path, write_json
+from .errors import UserError
 from .hardware import autocast_dtype, default_device
 from .networks import load_inputs, load_trained
+from .params import uses_features
 
 BATCH_SIZE = 256  # images or feature rows per forward pass
 PREDICTION_COLUMNS = ["actual", "predicted", "confidence"]  # predictions/<model>.csv
@@ -48,15 +50,47 @@ def score(logits, labels, classes):
     return metrics, table
 
 
-def evaluate_models(models):
+def mirrored_inputs(name, section, inputs):
+    """The test inputs of the mirrored images: cached features of a frozen backbone, else the
+    images flipped left-right."""
+    if not uses_features(section):
+        return np.ascontiguousarray(inputs[..., ::-1])
+    path = layout.features_file(name, layout.FLIPPED_TEST)
+    if not path.exists():
+        raise UserError(
+            f"evaluate.hflip is true but {path} is missing: rerun featurize_{name} "
+            f"(dvc repro featurize_{name}), which caches it when evaluate.hflip is true"
+        )
+    mirrored = np.load(path)
+    if mirrored.shape != inputs.shape:
+        raise UserError(
+            f"{path} holds {mirrored.shape} features for {inputs.shape} test ones: "
+            f"rerun featurize_{name} (dvc repro featurize_{name})"
+        )
+    return mirrored
+
+
+def test_logits(net, name, section, inputs, hflip):
+    """The model's test logits; with `hflip`, the log of the mean of the image's and its mirror
+    image's class probabilities (so that softmax gives that mean back)."""
+    logits = predict_logits(net, inputs)
+    if not hflip:
+        return logits
+    mirrored = predict_logits(net, mirrored_inputs(name, section, inputs))
+    return ((logits.softmax(1) + mirrored.softmax(1)) / 2).log()
+
+
+def evaluate_models(models, hflip=False):
     """Score each trained model on the test split: the headline figures in evaluate.json, each
     test image's prediction in predictions/<model>.csv (for the models in the study only).
+    With `hflip`, each prediction averages the image's and its mirror image's.
     Every model is scored before anything is written, so a bad model file changes nothing."""
     results, tables = {}, {}
     for name in models:
         net, section, _ = load_trained(layout.model_file(name))
         inputs, test = load_inputs(name, section, "test")
-        results[name], tables[name] = score(predict_logits(net, inputs), test.labels, test.classes)
+        logits = test_logits(net, name, section, inputs, hflip)
+        results[name], tables[name] = score(logits, test.labels, test.classes)
     shutil.rmtree(layout.PREDICTIONS_DIR, ignore_errors=True)  # no left-out model's old table
     for name, table in tables.items():
         with atomic_path(layout.predictions_file(name)) as tmp:

@@ -102,11 +102,12 @@ def _concatenate(parts, path):
         part.unlink()
 
 
-def featurize_model(name, section, hflip=False, splits=SPLITS):
+def featurize_model(name, section, hflip=False, flip_test=False, splits=SPLITS):
     """Cache the frozen backbone's features of every split, with a meta file and timing metrics.
 
     With `hflip`, the features of the mirrored train images too (one more pass over train), so
-    that training can flip at random and still read cached features. Under torchrun each rank
+    that training can flip at random and still read cached features; with `flip_test`, of the
+    mirrored test images (evaluate.hflip averages the two predictions). Under torchrun each rank
     featurizes its slice of every split on its own GPU, and rank 0 joins the slices.
     """
     rank, world, local_rank = torchrun_ranks()
@@ -123,6 +124,8 @@ def featurize_model(name, section, hflip=False, splits=SPLITS):
     jobs = [(split, split, False) for split in splits]
     if hflip:
         jobs.append((layout.FLIPPED_TRAIN, "train", True))
+    if flip_test:
+        jobs.append((layout.FLIPPED_TEST, "test", True))
     timings = {}
     for out_name, split, flip in jobs:
         images = load_split(layout.split_file(split)).images

@@ -15,6 +15,7 @@ FIGURES_DIR = REPORT_DIR / "figures"  # the report's PNGs; dvc plots shows them 
 CHECKPOINTS_DIR = Path("checkpoints")  # training in progress; not a DVC output (git-ignored)
 
 FLIPPED_TRAIN = "train_flipped"  # features of the train images mirrored left-right
+FLIPPED_TEST = "test_flipped"  # and of the test images, for evaluate.hflip
 
 
 def split_file(split):

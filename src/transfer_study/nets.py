@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .params import ACTIVATIONS
+from .params import ACTIVATIONS, NORMS
 
 
 def activation_layer(name):
@@ -12,13 +12,26 @@ def activation_layer(name):
     return getattr(nn, ACTIVATIONS[name])()
 
 
-def mlp(in_features, hidden, num_classes, activation, dropout):
-    """Linear layers of widths `hidden`, each with activation and dropout, then the logits."""
+class Residual(nn.Sequential):
+    """Layers whose output is added to their input (same width): a skip connection."""
+
+    def forward(self, inputs):
+        return inputs + super().forward(inputs)
+
+
+def mlp(in_features, hidden, num_classes, activation, dropout, norm="none", residual=False):
+    """Linear layers of widths `hidden`, each followed by the `norm` layer, the activation and
+    dropout, then the logits. With `residual`, a hidden layer as wide as its input adds it back.
+    No hidden layer: a linear classifier (a linear probe, on a backbone's features)."""
     layers = []
     for width in hidden:
-        layers += [nn.Linear(in_features, width), activation_layer(activation)]
+        block = [nn.Linear(in_features, width)]
+        if NORMS[norm]:
+            block.append(getattr(nn, NORMS[norm])(width))
+        block.append(activation_layer(activation))
         if dropout > 0:
-            layers.append(nn.Dropout(dropout))
+            block.append(nn.Dropout(dropout))
+        layers += [Residual(*block)] if residual and width == in_features else block
         in_features = width
     layers.append(nn.Linear(in_features, num_classes))
     return nn.Sequential(*layers)

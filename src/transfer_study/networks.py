@@ -34,7 +34,12 @@ def build_net(name, section, num_classes, stats, feature_dim=None, weights=None)
         return nn.Sequential(
             Preprocess(size, stats["mean"], stats["std"]),
             nn.Flatten(),
-            mlp(channels * size * size, *_layers(section, num_classes)),
+            mlp(
+                channels * size * size,
+                *_layers(section, num_classes),
+                norm=section.norm,
+                residual=section.residual,
+            ),
         )
     if uses_features(section):
         return mlp(feature_dim, *_layers(section.head, num_classes))

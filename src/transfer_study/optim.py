@@ -1,5 +1,7 @@
 """Optimizers and learning-rate schedules, built from TrainParams (names: params.OPTIMIZERS)."""
 
+import math
+
 import torch
 
 from .params import OPTIMIZERS
@@ -19,10 +21,28 @@ def build_optimizer(parameters, train):
     )
 
 
-def build_scheduler(optimizer, train):
-    """The per-epoch lr schedule named by train.scheduler, or None."""
+def lr_factor(train, step, steps_per_epoch):
+    """The lr multiplier at optimizer step `step` (0-based): a linear warm-up over
+    train.warmup_epochs, then train.scheduler: none (1), exponential (gamma per whole epoch) or
+    cosine (from 1 after the warm-up down to 0 at the end of train.max_epochs)."""
+    warmup_steps = train.warmup_epochs * steps_per_epoch
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
     if train.scheduler == "exponential":
-        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=train.gamma)
+        return train.gamma ** (step // steps_per_epoch)
     if train.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train.max_epochs)
-    return None
+        total = train.max_epochs * steps_per_epoch
+        return 0.5 * (
+            1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / (total - warmup_steps)))
+        )
+    return 1.0
+
+
+def build_scheduler(optimizer, train, steps_per_epoch):
+    """The lr schedule of train.scheduler and train.warmup_epochs, stepped after every optimizer
+    step; None when the lr stays constant."""
+    if train.scheduler == "none" and train.warmup_epochs == 0:
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(train, step, steps_per_epoch)
+    )

@@ -33,6 +33,7 @@ OPTIMIZERS = {  # name -> (torch.optim class, the TrainParams fields it takes be
     "adadelta": ("Adadelta", ()),
 }
 SCHEDULERS = ("none", "exponential", "cosine")
+NORMS = {"none": None, "batch": "BatchNorm1d", "layer": "LayerNorm"}  # name -> torch.nn class
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 STRATEGIES = ("auto", "ddp", "ddp_spawn")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true")
@@ -41,7 +42,7 @@ MLP_MAX_SIZE = 256  # pixels: 3 x 256 x 256 inputs already make a 50M-weight fir
 MAX_IMAGE_SIZE = 1024  # pixels, for stored and backbone images: 4x ImageNet's usual input
 MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed range
 DEFAULT_DATA_PATH = "data/images"
-COMMON_KEYS = ("seed", "models", "data", "train")
+COMMON_KEYS = ("seed", "models", "data", "train", "evaluate")
 
 
 class ParamsError(UserError):
@@ -70,6 +71,8 @@ class TrainParams:
     l1: float
     scheduler: str
     gamma: float
+    warmup_epochs: float  # lr rises linearly from ~0 over these epochs, then follows `scheduler`
+    label_smoothing: float  # share of each train target spread over the other classes
     batch_size: int
     max_epochs: int
     patience: int  # epochs without val_loss improvement before stopping
@@ -99,7 +102,14 @@ class MlpParams:
     hidden: tuple[int, ...]
     activation: str
     dropout: float
+    norm: str  # a name in NORMS: a normalization layer after each hidden Linear
+    residual: bool  # hidden layers of equal width add their input back (skip connections)
     train: TrainParams
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    hflip: bool  # average each test prediction over the image and its mirror image
 
 
 @dataclass(frozen=True)
@@ -120,6 +130,7 @@ class Params:
     models: tuple[str, ...]  # the models in the study (`models: {name: true}`), in report order
     data: DataParams
     train: TrainParams
+    evaluate: EvaluateParams
     model_sections: dict  # every model of `models`, in or out -> MlpParams | BackboneParams
 
     def model(self, name):
@@ -175,6 +186,7 @@ def parse_params(raw):
         models=tuple(name for name, on in switches.items() if on),
         data=_parse(DataParams, raw["data"], "data"),
         train=train,
+        evaluate=_parse(EvaluateParams, raw["evaluate"], "evaluate"),
         model_sections=sections,
     )
     _validate(params)
@@ -301,6 +313,18 @@ def _validate_train(train, where):
         value = getattr(train, name)
         _check(value >= 0, f"{where}.{name}", value, "a number >= 0")
     _check(0 < train.gamma <= 1, f"{where}.gamma", train.gamma, "a number in (0, 1]")
+    _check(
+        0 <= train.warmup_epochs < train.max_epochs,
+        f"{where}.warmup_epochs",
+        train.warmup_epochs,
+        f"a number >= 0 and below max_epochs ({train.max_epochs})",
+    )
+    _check(
+        0 <= train.label_smoothing < 1,
+        f"{where}.label_smoothing",
+        train.label_smoothing,
+        "a number in [0, 1)",
+    )
     for name, low in (
         ("batch_size", 1),
         ("max_epochs", 1),
@@ -391,6 +415,7 @@ def _validate(params):
         _validate_train(section.train, f"{name}.train")
         if name == "mlp":
             _validate_layers(section, name)
+            _one_of("mlp.norm", section.norm, tuple(NORMS))
             _check(
                 MLP_MIN_SIZE <= section.image_size <= MLP_MAX_SIZE,
                 "mlp.image_size",

@@ -94,7 +94,10 @@ class Classifier(pl.LightningModule):
     def _step(self, batch, split):
         inputs, labels = batch
         logits = self.net(inputs).float()
-        loss = F.cross_entropy(logits, labels)
+        # Smoothed targets in training only: val/loss stays the plain cross-entropy that early
+        # stopping and the kept epoch are judged by.
+        smoothing = self.train_params.label_smoothing if split == "train" else 0.0
+        loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
         accuracy = getattr(self, f"{split}_acc")
         accuracy(logits, labels)
         self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
@@ -118,10 +121,15 @@ class Classifier(pl.LightningModule):
         groups = self.param_groups or [{"params": _trainable(self), "lr_scale": 1.0}]
         groups = [{"params": g["params"], "lr": lr * g["lr_scale"]} for g in groups]
         optimizer = build_optimizer(groups, self.train_params)
-        scheduler = build_scheduler(optimizer, self.train_params)
+        # Batches per epoch (this process's shard), for schedules stepped per batch.
+        steps_per_epoch = self.trainer.estimated_stepping_batches // self.trainer.max_epochs
+        scheduler = build_scheduler(optimizer, self.train_params, steps_per_epoch)
         if scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
 
 class _Batches(Dataset):
