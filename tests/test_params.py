@@ -126,7 +126,8 @@ def test_stage_prints_one_line_and_exits_2(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: unknown key 'train.lrr' (valid: optimizer, lr, momentum, weight_decay, l1, "
         "scheduler, gamma, warmup_epochs, label_smoothing, batch_size, max_epochs, patience, "
-        "min_delta, hflip, crop, accelerator, devices, num_nodes, strategy, precision, compile, deterministic, resume)"
+        "min_delta, hflip, crop, accelerator, devices, num_nodes, strategy, precision, compile, "
+        "deterministic, resume)"
     ]
 
 

@@ -3,6 +3,7 @@ reaches the network, the optimizer or the trainer."""
 
 import re
 import shlex
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from conftest import REPO
 from torch import nn
 
 from transfer_study.networks import build_net
+from transfer_study.optim import lr_factor
 from transfer_study.params import deep_merge, load_params
 from transfer_study.training import Classifier, param_groups
 
@@ -142,9 +144,12 @@ def test_activation_and_optimizer_grids_reach_torch():
     classes = [torch.optim.SGD, torch.optim.Adam, torch.optim.Adagrad, torch.optim.Adadelta]
     for index, cls in enumerate(classes):
         p = study("optimizers", index).model("mlp")
-        built = Classifier(build_net("mlp", p, 10, STATS), p.train, 10).configure_optimizers()
+        module = Classifier(build_net("mlp", p, 10, STATS), p.train, 10)
+        module._trainer = SimpleNamespace(estimated_stepping_batches=300, max_epochs=30)
+        built = module.configure_optimizers()
         assert type(built["optimizer"]) is cls
-        assert built["lr_scheduler"].gamma == 0.9
+        # ExponentialLR with gamma 0.9: the lr of the second epoch's first step is 0.9 lr.
+        assert lr_factor(p.train, step=10, steps_per_epoch=10) == pytest.approx(0.9)
 
 
 def test_augmentation_row():

@@ -4,11 +4,13 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import REPO, TRAIN_KEYS, tiny_overrides, write_params
 
 from transfer_study import layout
@@ -98,12 +100,57 @@ def test_optimizer_and_lr_reach_torch(optimizer, archive):
     assert built.param_groups[0]["lr"] == 0.0001
 
 
-def test_scheduler_reaches_lightning(archive):
-    section = params(archive, train={"scheduler": "exponential", "gamma": 0.5}).model("mlp")
-    net = build_net("mlp", section, 10, STATS)
-    built = Classifier(net, section.train, 10).configure_optimizers()
-    assert isinstance(built["lr_scheduler"], torch.optim.lr_scheduler.ExponentialLR)
-    assert built["lr_scheduler"].gamma == 0.5
+def lr_by_step(section, steps_per_epoch, steps):
+    """The lr of each of the first `steps` optimizer steps, as Lightning drives the schedule."""
+    module = Classifier(build_net("mlp", section, 10, STATS), section.train, 10)
+    total = steps_per_epoch * section.train.max_epochs
+    module._trainer = SimpleNamespace(
+        estimated_stepping_batches=total, max_epochs=section.train.max_epochs
+    )
+    built = module.configure_optimizers()
+    assert built["lr_scheduler"]["interval"] == "step"
+    optimizer, scheduler = built["optimizer"], built["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_exponential_schedule_decays_once_per_epoch(archive):
+    train = {"scheduler": "exponential", "gamma": 0.5, "lr": 0.1}
+    lrs = lr_by_step(params(archive, train=train).model("mlp"), steps_per_epoch=4, steps=12)
+    assert lrs == pytest.approx([0.1] * 4 + [0.05] * 4 + [0.025] * 4)
+
+
+def test_warmup_then_cosine_reaches_zero_at_max_epochs(archive):
+    train = {"scheduler": "cosine", "warmup_epochs": 2, "max_epochs": 10, "lr": 0.1}
+    lrs = lr_by_step(params(archive, train=train).model("mlp"), steps_per_epoch=5, steps=50)
+    # Linear from lr/10 to lr over the 10 warm-up steps, then a half cosine down to ~0.
+    assert lrs[:10] == pytest.approx([0.01 * (i + 1) for i in range(10)])
+    assert lrs[10] == pytest.approx(0.1)
+    assert lrs[30] == pytest.approx(0.05)  # halfway through the 40 cosine steps
+    assert all(a > b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] < 0.001
+
+
+def test_no_schedule_keeps_the_bare_optimizer(archive):
+    section = params(archive).model("mlp")
+    built = Classifier(build_net("mlp", section, 10, STATS), section.train, 10)
+    assert isinstance(built.configure_optimizers(), torch.optim.Adam)
+
+
+def test_label_smoothing_reaches_the_train_loss_only(archive):
+    section = params(archive, train={"label_smoothing": 0.2}).model("mlp")
+    module = Classifier(build_net("mlp", section, 10, STATS), section.train, 10).eval()
+    module.log = lambda *args, **kwargs: None  # outside a Trainer
+    batch = (torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 10)
+    logits = module.net(batch[0]).float()
+    train, val = module._step(batch, "train"), module._step(batch, "val")
+    torch.testing.assert_close(train, F.cross_entropy(logits, batch[1], label_smoothing=0.2))
+    torch.testing.assert_close(val, F.cross_entropy(logits, batch[1]))
+    assert not torch.isclose(train, val)
 
 
 def test_batch_larger_than_train_split_is_refused(workdir, archive):

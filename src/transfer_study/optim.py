@@ -38,11 +38,14 @@ def lr_factor(train, step, steps_per_epoch):
     return 1.0
 
 
+def scheduled(train):
+    """Whether the lr changes during training (a scheduler or a warm-up)."""
+    return train.scheduler != "none" or train.warmup_epochs > 0
+
+
 def build_scheduler(optimizer, train, steps_per_epoch):
     """The lr schedule of train.scheduler and train.warmup_epochs, stepped after every optimizer
-    step; None when the lr stays constant."""
-    if train.scheduler == "none" and train.warmup_epochs == 0:
-        return None
+    step."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(train, step, steps_per_epoch)
     )

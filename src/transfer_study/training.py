@@ -29,7 +29,7 @@ from .hardware import enable_fast_cuda
 from .models import UnreadableTensors, backbone_spec, count_params, load_tensors
 from .nets import augment
 from .networks import build_net, data_stats, load_inputs
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, scheduled
 from .params import MlpParams, uses_features
 from .progress import LiveProgress
 
@@ -121,11 +121,11 @@ class Classifier(pl.LightningModule):
         groups = self.param_groups or [{"params": _trainable(self), "lr_scale": 1.0}]
         groups = [{"params": g["params"], "lr": lr * g["lr_scale"]} for g in groups]
         optimizer = build_optimizer(groups, self.train_params)
-        # Batches per epoch (this process's shard), for schedules stepped per batch.
+        if not scheduled(self.train_params):
+            return optimizer
+        # Batches per epoch (this process's shard): the schedule steps after every batch.
         steps_per_epoch = self.trainer.estimated_stepping_batches // self.trainer.max_epochs
         scheduler = build_scheduler(optimizer, self.train_params, steps_per_epoch)
-        if scheduler is None:
-            return optimizer
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
