@@ -2,6 +2,8 @@
 
 import json
 
+from conftest import REPO, write_cifar_archive
+
 from transfer_study.bench import main
 
 
@@ -15,3 +17,32 @@ def test_bench_prints_the_ratio_keys_last(capsys):
         "device",
     } <= summary.keys()
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+
+
+def test_study_timer_times_every_stage_then_only_what_a_change_reruns(tmp_path, capsys):
+    archive = write_cifar_archive(tmp_path / "cifar.tar.gz")
+    tiny = [
+        "data.train_size=150",
+        "data.test_size=50",
+        "train.max_epochs=2",
+        "train.batch_size=32",
+        "models={vgg16: false, inception: false}",
+        "lite0.weights=none",
+        "lite0.image_size=32",
+    ]
+    argv = ["study", "--project", REPO, "--archive", str(archive), "--rerun", "train.lr=1e-4"]
+    summary = main(argv + [f"-S{setting}" for setting in tiny])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+    stages = summary["stages"]
+    assert {"download", "split", "featurize_lite0", "train_mlp", "evaluate", "report"} <= set(
+        stages
+    )
+    for times in stages.values():
+        assert 0 <= times["startup_seconds"] <= times["seconds"] <= summary["total_seconds"]
+    # Images went through the batch stages: 120 train images (150 less the val fifth) x 2
+    # epochs for the MLP, 50 test images scored by each of the two models.
+    assert stages["train_mlp"]["images_per_second"] > 0
+    assert stages["split"]["images_per_second"] is None
+    rerun = summary["rerun"]["stages"]
+    assert "train_mlp" in rerun and "report" in rerun
+    assert not {"download", "split", "featurize_lite0"} & set(rerun)

@@ -10,7 +10,7 @@ from torchvision import models as tvm
 from transfer_study.errors import UserError
 from transfer_study.features import prepare_extractor
 from transfer_study.models import BACKBONES, backbone_spec, count_params, feature_extractor
-from transfer_study.nets import mlp
+from transfer_study.nets import Residual, mlp
 from transfer_study.networks import build_net
 from transfer_study.params import ACTIVATIONS, deep_merge, parse_params
 from transfer_study.training import Classifier, param_groups
@@ -194,3 +194,20 @@ def test_damaged_weights_files_get_one_line_and_run_nothing(tmp_path):
             feature_extractor("resnet18", str(path), 32)
     assert not sentinel.exists()
     assert feature_extractor("resnet18", str(good), 32) is not None
+
+
+def test_mlp_norm_and_residual_layers():
+    net = build_net(
+        "mlp", section("mlp", hidden=[64, 64, 32], norm="batch", residual=True), 10, STATS
+    ).eval()
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in net.modules()) == 3
+    (skip,) = [m for m in net.modules() if isinstance(m, Residual)]  # 64 -> 64 only
+    assert skip[0].in_features == skip[0].out_features == 64
+    # The block adds its input back: with its Linear zeroed, it passes the input through.
+    torch.nn.init.zeros_(skip[0].weight)
+    torch.nn.init.zeros_(skip[0].bias)
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(skip(x), x)  # batch norm (eval) and activation map 0 to 0
+    net = build_net("mlp", section("mlp", norm="layer"), 10, STATS)
+    assert sum(isinstance(m, nn.LayerNorm) for m in net.modules()) == 2
+    assert not any(isinstance(m, Residual) for m in net.modules())

@@ -365,3 +365,40 @@ def test_dvclive_logs_each_epoch_and_summarizes_the_kept_one(workdir, archive):
     logits = predict_logits(net, val.images)
     loss = float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(val.labels)))
     assert loss == pytest.approx(summary["val"]["loss"], rel=1e-4)
+
+
+def test_test_time_flips_average_image_and_mirror(workdir, archive):
+    from transfer_study.evaluation import test_logits
+
+    p = params(archive)
+    featurize_model("vgg16", p.model("vgg16"), flip_test=True)
+    train_model("vgg16", p)
+    train_model("mlp", p)
+    test = load_split(layout.split_file("test"))
+    plain = evaluate_models(["mlp", "vgg16"])
+    averaged = evaluate_models(["mlp", "vgg16"], hflip=True)
+    assert plain != averaged
+    # The MLP's averaged probabilities are those of the images and of their mirror images.
+    net, section, _ = load_trained(layout.model_file("mlp"))
+    expected = (
+        predict_logits(net, test.images).softmax(1)
+        + predict_logits(net, np.ascontiguousarray(test.images[..., ::-1])).softmax(1)
+    ) / 2
+    logits = test_logits(net, "mlp", section, test.images, hflip=True)
+    torch.testing.assert_close(logits.softmax(1), expected)
+    predictions = pd.read_csv(layout.predictions_file("mlp"))
+    np.testing.assert_allclose(predictions["confidence"], expected.max(1).values, atol=1e-4)
+    # A frozen backbone averages over the cached features of the mirrored test images.
+    flipped = np.load(layout.features_file("vgg16", layout.FLIPPED_TEST))
+    net, section, _ = load_trained(layout.model_file("vgg16"))
+    plain_features = np.load(layout.features_file("vgg16", "test"))
+    assert flipped.shape == plain_features.shape and not np.array_equal(flipped, plain_features)
+    expected = (
+        predict_logits(net, plain_features).softmax(1) + predict_logits(net, flipped).softmax(1)
+    ) / 2
+    torch.testing.assert_close(
+        test_logits(net, "vgg16", section, plain_features, True).softmax(1), expected
+    )
+    layout.features_file("vgg16", layout.FLIPPED_TEST).unlink()
+    with pytest.raises(UserError, match="evaluate.hflip is true but features/vgg16/test_flipped"):
+        evaluate_models(["vgg16"], hflip=True)

@@ -1,6 +1,7 @@
 """Side-by-side benchmark: the notebooks' per-image PIL pipeline against cached features.
 
 python -m transfer_study.bench [--quick] [--archive cifar.tar.gz] [--backbones vgg16 inception]
+python -m transfer_study.bench study ...: the whole pipeline timed stage by stage (study_timer.py)
 
 Both paths run in one process on the same images, so the printed ratios hold on a shared,
 noisy machine where absolute times do not. The last line is JSON with the ratios.
@@ -8,6 +9,7 @@ noisy machine where absolute times do not. The last line is JSON with the ratios
 
 import argparse
 import json
+import sys
 import tempfile
 import threading
 import time
@@ -271,6 +273,11 @@ def run_precision_check(args, names, count, device):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["study"]:
+        from .study_timer import main as time_study
+
+        return time_study(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archive", help="CIFAR-10 python archive (default: random images)")
     parser.add_argument("--quick", action="store_true", help="CPU-sized: 256 images, vgg16 only")

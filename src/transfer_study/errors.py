@@ -8,6 +8,8 @@ import sys
 import threading
 import time
 
+from . import timing
+
 PARENT_POLL_SECONDS = 1.0  # how soon a stage notices that DVC, which started it, is gone
 
 
@@ -49,6 +51,7 @@ def exit_on_user_error(main):
         # should still stop it like Ctrl+C.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         _stop_when_orphaned()
+        timing.main_starts()
         try:
             return main(*args, **kwargs)
         except UserError as error:
@@ -76,5 +79,7 @@ def exit_on_user_error(main):
                 file=sys.stderr,
             )
             sys.exit(130)
+        finally:
+            timing.write_record()
 
     return wrapper

@@ -7,7 +7,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from . import layout
+from . import layout, timing
 from .atomic import atomic_path, write_json
 from .errors import UserError
 from .hardware import autocast_dtype, default_device
@@ -25,8 +25,10 @@ def predict_logits(net, inputs, device=None, batch_size=BATCH_SIZE):
     net = net.to(device).eval()
     dtype = autocast_dtype(device)
     chunks = []
+    timing.work_starts()
     for first in range(0, len(inputs), batch_size):
         batch = torch.as_tensor(inputs[first : first + batch_size]).to(device)
+        timing.count_images(len(batch))
         if batch.dtype == torch.float16:
             batch = batch.float()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import layout
+from . import layout, timing
 from .atomic import atomic_path, write_json
 from .data import SPLITS, load_split
 from .errors import UserError
@@ -61,6 +61,7 @@ def featurize(
     ):
         _write_header(out, len(images), feature_dim)
         first = 0
+        timing.work_starts()
         while first < len(images):
             batch = source[first : first + batch_size].to(device, non_blocking=True)
             if flip:
@@ -80,6 +81,7 @@ def featurize(
             out.write(features.to(torch.float16).cpu().numpy().tobytes())
             first += len(batch)
             bar.update(len(batch))
+            timing.count_images(len(batch))
     return len(images) / (time.perf_counter() - start)
 
 

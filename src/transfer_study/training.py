@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
-from . import layout
+from . import layout, timing
 from .atomic import atomic_paths, json_text
 from .errors import UserError
 from .hardware import enable_fast_cuda
@@ -93,6 +93,7 @@ class Classifier(pl.LightningModule):
 
     def _step(self, batch, split):
         inputs, labels = batch
+        timing.work_starts()  # the first batch (Lightning's sanity check's, a val batch)
         logits = self.net(inputs).float()
         # Smoothed targets in training only: val/loss stays the plain cross-entropy that early
         # stopping and the kept epoch are judged by.
@@ -106,6 +107,7 @@ class Classifier(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self._step(batch, "train")
+        timing.count_images(len(batch[1]))
         if self.train_params.l1 > 0:
             # L1 on weight matrices only, as Keras' kernel_regularizer did in the studies.
             named = self.net.named_parameters()

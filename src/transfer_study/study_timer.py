@@ -1,0 +1,207 @@
+"""The study timer: `dvc repro` of the whole pipeline in a scratch copy, timed stage by stage.
+
+python -m transfer_study.bench study [--archive PATH] [-S key=value ...] [--rerun key=value ...]
+
+Each stage reports when its process started, when its first batch began and when it ended
+(timing.py); the table splits its wall time into the fixed cost (process start, imports, CUDA
+and model set-up: everything before the first batch) and the work. The last line is JSON.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from . import timing
+from .errors import UserError, exit_on_user_error
+from .params import deep_merge, parse_params
+
+# Stages without batches (download, split, report): their fixed cost ends where main() begins.
+COLUMNS = ("stage", "wall s", "fixed s", "work s", "images/s")
+
+
+def parse_assignment(text):
+    """`a.b=value` (value read as YAML, as `dvc exp run -S` does) -> {"a": {"b": value}}."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"-S {text!r}: expected key=value, e.g. -S train.lr=1e-4")
+    nested = yaml.safe_load(value)
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def copy_project(source, target):
+    """The project's files as git sees them (tracked, and new files not ignored) in `target`,
+    committed there: no data, cache or outputs come along, so every stage runs."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=source,
+        capture_output=True,
+    )
+    if listed.returncode != 0:
+        raise UserError(f"{source} is not a git checkout of this project: run the timer there")
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        origin = source / name
+        if origin.is_file():  # a tracked file deleted in the workspace stays out
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(origin, target / name)
+    git = ["git", "-c", "user.name=timer", "-c", "user.email=timer@localhost"]
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "study timer"]):
+        subprocess.run([*git, *command], cwd=target, check=True, capture_output=True)
+
+
+def set_params(project, overrides):
+    """Apply nested `overrides` to the copy's params.yaml, validated as the stages will."""
+    path = project / "params.yaml"
+    merged = deep_merge(yaml.safe_load(path.read_text()), overrides)
+    parse_params(merged)  # a bad value stops here, with the stages' one line
+    path.write_text(yaml.safe_dump(merged, sort_keys=False))
+
+
+def time_repro(project, force):
+    """Run `dvc repro` in `project`: (wall seconds, one timing record per stage that ran)."""
+    records = project / ".timings.jsonl"
+    records.unlink(missing_ok=True)
+    # The copy's own code runs, whatever version of the package is installed.
+    path = os.pathsep.join(filter(None, [str(project / "src"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, timing.ENV: str(records), "DVC_NO_ANALYTICS": "1", "PYTHONPATH": path}
+    start = time.time()
+    result = subprocess.run(["dvc", "repro", *(["--force"] if force else [])], cwd=project, env=env)
+    seconds = time.time() - start
+    if result.returncode != 0:
+        raise UserError(f"dvc repro failed (exit {result.returncode}) in {project}; see above")
+    lines = records.read_text().splitlines() if records.exists() else []
+    return seconds, [json.loads(line) for line in lines]
+
+
+def breakdown(records):
+    """stage -> {seconds, startup_seconds, work_seconds, images_per_second}."""
+    stages = {}
+    for record in records:
+        wall = record["end"] - record["process_start"]
+        startup = record["work_start"] - record["process_start"]
+        work = record["end"] - record["work_start"]
+        stages[record["stage"]] = {
+            "seconds": round(wall, 2),
+            "startup_seconds": round(startup, 2),
+            "work_seconds": round(work, 2),
+            "images_per_second": round(record["images"] / work, 1) if record["images"] else None,
+        }
+    return stages
+
+
+def print_table(title, total, stages):
+    print(f"\n{title}")
+    rows = [
+        (
+            name,
+            f"{s['seconds']:.2f}",
+            f"{s['startup_seconds']:.2f}",
+            f"{s['work_seconds']:.2f}",
+            f"{s['images_per_second']:,.0f}" if s["images_per_second"] else "-",
+        )
+        for name, s in stages.items()
+    ]
+    in_stages = sum(s["seconds"] for s in stages.values())
+    rows.append(
+        (
+            "all stages",
+            f"{in_stages:.2f}",
+            f"{sum(s['startup_seconds'] for s in stages.values()):.2f}",
+            "",
+            "",
+        )
+    )
+    rows.append(("dvc repro (wall)", f"{total:.2f}", "", "", ""))
+    widths = [max(len(str(row[i])) for row in (COLUMNS, *rows)) for i in range(len(COLUMNS))]
+    for row in (COLUMNS, *rows):
+        cells = [
+            str(cell).ljust(w) if i == 0 else str(cell).rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths))
+        ]
+        print("  ".join(cells))
+
+
+def device_name():
+    import torch  # only here: the timer itself starts no training
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+@exit_on_user_error
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m transfer_study.bench study", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--archive", type=Path, help="a CIFAR-10 python archive, as data.url (md5 unchecked)"
+    )
+    parser.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a params.yaml value, as dvc exp run -S",
+    )
+    parser.add_argument(
+        "--rerun",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="after the study, change this and time dvc repro again (e.g. train.lr=1e-4)",
+    )
+    parser.add_argument(
+        "--project", type=Path, default=Path.cwd(), help="the project to copy (default: here)"
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the scratch copy (its path is printed)"
+    )
+    args = parser.parse_args(argv)
+    overrides = {}
+    for text in args.set:
+        overrides = deep_merge(overrides, parse_assignment(text))
+    if args.archive:
+        if not args.archive.is_file():
+            raise UserError(f"--archive {args.archive}: no such file")
+        overrides = deep_merge(
+            overrides, {"data": {"url": str(args.archive.resolve()), "md5": None}}
+        )
+    project = args.project.resolve()
+    if not (project / "dvc.yaml").is_file():
+        raise UserError(
+            f"{project} has no dvc.yaml: run the timer in the project (or pass --project)"
+        )
+    scratch = Path(tempfile.mkdtemp(prefix="study-timer-"))
+    try:
+        copy_project(project, scratch)
+        set_params(scratch, overrides)
+        print(f"scratch copy: {scratch}", file=sys.stderr)
+        total, records = time_repro(scratch, force=True)
+        stages = breakdown(records)
+        summary = {"total_seconds": round(total, 2), "device": device_name(), "stages": stages}
+        print_table(f"dvc repro, every stage ({summary['device']})", total, stages)
+        if args.rerun:
+            changes = {}
+            for text in args.rerun:
+                changes = deep_merge(changes, parse_assignment(text))
+            set_params(scratch, changes)
+            total, records = time_repro(scratch, force=False)
+            rerun = breakdown(records)
+            print_table(f"dvc repro after {' '.join(args.rerun)}", total, rerun)
+            summary["rerun"] = {"total_seconds": round(total, 2), "stages": rerun}
+    finally:
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+    print(json.dumps(summary))
+    return summary
