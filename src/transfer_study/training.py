@@ -201,8 +201,16 @@ class InMemoryData(pl.LightningDataModule):
         self.train, self.val = train, val
         self.options = {"batch_size": batch_size, "pin_memory": pin_memory, "device": device}
         self.seed = seed
+        self.loaders = {}
 
     def _loader(self, split, shuffle):
+        # Each loader is made once: a per-batch lr schedule has Lightning count the train batches
+        # before fitting, and a second loader would copy the tensors to the device again.
+        if split not in self.loaders:
+            self.loaders[split] = self._make_loader(getattr(self, split), shuffle)
+        return self.loaders[split]
+
+    def _make_loader(self, split, shuffle):
         inputs, labels, *flipped = split
         return make_loader(
             inputs,
@@ -216,10 +224,10 @@ class InMemoryData(pl.LightningDataModule):
         )
 
     def train_dataloader(self):
-        return self._loader(self.train, shuffle=True)
+        return self._loader("train", shuffle=True)
 
     def val_dataloader(self):
-        return self._loader(self.val, shuffle=False)
+        return self._loader("val", shuffle=False)
 
 
 def param_groups(name, section, net):
@@ -306,6 +314,10 @@ def train_model(name, params, callbacks=()):
     feature_meta = json.loads(layout.features_meta(name).read_text()) if features else {}
     stats = data_stats(train_data.images)
     net = build_net(name, section, len(classes), stats, feature_meta.get("feature_dim"))
+    if not features and not isinstance(section, MlpParams):
+        # A backbone fine-tuned from pixels: convolutions in NHWC, the layout GPU tensor cores
+        # (and oneDNN on CPUs) run fastest; its 2-D weights and the saved values are unchanged.
+        net = net.to(memory_format=torch.channels_last)
     if train.compile:
         net.compile()  # in place: the state_dict keeps its keys; compiles at the first batch
     groups = param_groups(name, section, net)
