@@ -43,6 +43,7 @@ def test_study_timer_times_every_stage_then_only_what_a_change_reruns(tmp_path, 
     # epochs for the MLP, 50 test images scored by each of the two models.
     assert stages["train_mlp"]["images_per_second"] > 0
     assert stages["split"]["images_per_second"] is None
+    assert set(summary["test_accuracy"]) == {"mlp", "lite0"}
     rerun = summary["rerun"]["stages"]
     assert "train_mlp" in rerun and "report" in rerun
     assert not {"download", "split", "featurize_lite0"} & set(rerun)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from . import timing
+from . import layout, timing
 from .errors import UserError, exit_on_user_error
 from .params import deep_merge, parse_params
 
@@ -98,36 +98,40 @@ def breakdown(records):
     return stages
 
 
+def test_accuracy(project):
+    """Each model's test accuracy in the copy's metrics/evaluate.json (printed, and returned)."""
+    scores = json.loads((project / layout.EVALUATE_METRICS).read_text())
+    accuracy = {name: result["test_accuracy"] for name, result in scores.items()}
+    print("test accuracy: " + ", ".join(f"{name} {a:.2%}" for name, a in accuracy.items()))
+    return accuracy
+
+
 def print_table(title, total, stages):
-    print(f"\n{title}")
+    """One row per stage, then the stages' sums, DVC's own time between them and the wall."""
+
+    def row(name, *seconds, rate=None):
+        cells = [f"{x:.2f}" if x is not None else "" for x in seconds]
+        cells += [""] * (3 - len(cells))
+        return (name, *cells, f"{rate:,.0f}" if rate else "-" if seconds[1:] else "")
+
+    keys = ("seconds", "startup_seconds", "work_seconds")
     rows = [
-        (
-            name,
-            f"{s['seconds']:.2f}",
-            f"{s['startup_seconds']:.2f}",
-            f"{s['work_seconds']:.2f}",
-            f"{s['images_per_second']:,.0f}" if s["images_per_second"] else "-",
-        )
-        for name, s in stages.items()
+        row(name, *(s[k] for k in keys), rate=s["images_per_second"]) for name, s in stages.items()
     ]
-    in_stages = sum(s["seconds"] for s in stages.values())
-    rows.append(
-        (
-            "all stages",
-            f"{in_stages:.2f}",
-            f"{sum(s['startup_seconds'] for s in stages.values()):.2f}",
-            "",
-            "",
+    sums = [sum(s[k] for s in stages.values()) for k in keys]
+    rows += [
+        row("all stages", *sums),
+        row("dvc between stages", total - sums[0]),
+        row("dvc repro, wall", total),
+    ]
+    widths = [max(len(r[i]) for r in (COLUMNS, *rows)) for i in range(len(COLUMNS))]
+    print(f"\n{title}")
+    for cells in (COLUMNS, *rows):
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+            )
         )
-    )
-    rows.append(("dvc repro (wall)", f"{total:.2f}", "", "", ""))
-    widths = [max(len(str(row[i])) for row in (COLUMNS, *rows)) for i in range(len(COLUMNS))]
-    for row in (COLUMNS, *rows):
-        cells = [
-            str(cell).ljust(w) if i == 0 else str(cell).rjust(w)
-            for i, (cell, w) in enumerate(zip(row, widths))
-        ]
-        print("  ".join(cells))
 
 
 def device_name():
@@ -191,6 +195,7 @@ def main(argv=None):
         stages = breakdown(records)
         summary = {"total_seconds": round(total, 2), "device": device_name(), "stages": stages}
         print_table(f"dvc repro, every stage ({summary['device']})", total, stages)
+        summary["test_accuracy"] = test_accuracy(scratch)
         if args.rerun:
             changes = {}
             for text in args.rerun:
@@ -199,7 +204,11 @@ def main(argv=None):
             total, records = time_repro(scratch, force=False)
             rerun = breakdown(records)
             print_table(f"dvc repro after {' '.join(args.rerun)}", total, rerun)
-            summary["rerun"] = {"total_seconds": round(total, 2), "stages": rerun}
+            summary["rerun"] = {
+                "total_seconds": round(total, 2),
+                "stages": rerun,
+                "test_accuracy": test_accuracy(scratch),
+            }
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)

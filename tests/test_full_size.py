@@ -1,0 +1,136 @@
+"""README "Full CIFAR-10": each command is given verbatim, and each of its params reaches the
+network, the optimizer, the schedule, the trainer or evaluate."""
+
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import REPO
+from test_studies import STATS, grid, linear_widths
+from torch import nn
+
+from transfer_study.nets import Residual
+from transfer_study.networks import build_net
+from transfer_study.optim import lr_factor
+from transfer_study.params import deep_merge, load_params, uses_features
+from transfer_study.training import Classifier, param_groups, resolve_precision
+
+FULL = (
+    "-S data.dataset=folder -S data.path=../cifar10-train -S data.image_size=32 "
+    "-S data.val_fraction=0.1"
+)
+COMMANDS = {
+    "mlp": "-S 'models={vgg16: false, inception: false, lite0: false}' "
+    "-S 'mlp.hidden=[1024,1024,1024]' -S mlp.norm=batch -S mlp.residual=true "
+    "-S mlp.activation=gelu -S train.hflip=true -S evaluate.hflip=true "
+    "-S ++mlp.train.optimizer=adamw -S ++mlp.train.weight_decay=0.05 "
+    "-S ++mlp.train.batch_size=256 -S ++mlp.train.max_epochs=40 -S ++mlp.train.patience=40 "
+    "-S ++mlp.train.scheduler=cosine -S ++mlp.train.warmup_epochs=2 "
+    "-S ++mlp.train.label_smoothing=0.1 -S ++mlp.train.crop=2 "
+    "-S ++mlp.train.precision=bf16-mixed",
+    "frozen": "-S 'models={mlp: false, vgg16: false, inception: false}' "
+    "-S 'lite0.head.hidden=[2048]' -S lite0.head.activation=gelu -S lite0.head.dropout=0.6 "
+    "-S train.hflip=true -S evaluate.hflip=true -S ++lite0.train.optimizer=adamw "
+    "-S ++lite0.train.lr=5e-4 -S ++lite0.train.weight_decay=0.1 -S ++lite0.train.batch_size=256 "
+    "-S ++lite0.train.max_epochs=30 -S ++lite0.train.patience=30 "
+    "-S ++lite0.train.scheduler=cosine -S ++lite0.train.warmup_epochs=1 "
+    "-S ++lite0.train.label_smoothing=0.2",
+    "fine_tuned": "-S 'models={mlp: false, vgg16: false, inception: false}' "
+    "-S lite0.trainable_layers=all -S lite0.lr_decay=0.8 -S train.hflip=true "
+    "-S evaluate.hflip=true -S ++lite0.train.optimizer=adamw -S ++lite0.train.lr=5e-4 "
+    "-S ++lite0.train.weight_decay=0.05 -S ++lite0.train.batch_size=256 "
+    "-S ++lite0.train.max_epochs=10 -S ++lite0.train.patience=10 "
+    "-S ++lite0.train.scheduler=cosine -S ++lite0.train.warmup_epochs=1 "
+    "-S ++lite0.train.label_smoothing=0.1 -S ++lite0.train.crop=4",
+}
+
+
+def section():
+    readme = open(f"{REPO}/README.md").read()
+    return re.sub(r"\s*\\\n\s*", " ", readme.split("## Full CIFAR-10")[1].split("\n## ")[0])
+
+
+def params(name):
+    overrides = grid(f"dvc exp run {FULL} {COMMANDS[name]}")
+    assert len(overrides) == 1
+    return load_params(f"{REPO}/params.yaml", overrides[0])
+
+
+def test_readme_gives_the_data_flags_and_every_command_verbatim():
+    text = section()
+    assert f'FULL="{FULL}"' in text
+    for name, command in COMMANDS.items():
+        assert command in text, name
+
+
+def test_data_flags_read_the_folder_at_a_tenth_held_out():
+    data = params("mlp").data
+    assert (data.dataset, data.path, data.image_size, data.val_fraction) == (
+        "folder",
+        "../cifar10-train",
+        32,
+        0.1,
+    )
+
+
+def test_strong_mlp_reaches_network_optimizer_schedule_and_trainer():
+    p = params("mlp")
+    assert p.models == ("mlp",) and p.evaluate.hflip
+    mlp = p.model("mlp")
+    net = build_net("mlp", mlp, 10, STATS)
+    assert linear_widths(net) == [(3072, 1024), (1024, 1024), (1024, 1024), (1024, 10)]
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in net.modules()) == 3
+    assert sum(isinstance(m, Residual) for m in net.modules()) == 2  # 1024 -> 1024 twice
+    assert any(isinstance(m, nn.GELU) for m in net.modules())
+    module = Classifier(net, mlp.train, 10, pixels=True)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=40 * 159, max_epochs=40)
+    built = module.configure_optimizers()
+    assert isinstance(built["optimizer"], torch.optim.AdamW)
+    assert built["optimizer"].defaults["weight_decay"] == 0.05
+    train = mlp.train
+    assert lr_factor(train, 0, 159) == pytest.approx(1 / 318)  # warming up over 2 epochs
+    assert lr_factor(train, 318, 159) == pytest.approx(1.0)
+    assert lr_factor(train, 40 * 159 - 1, 159) < 1e-3
+    assert (train.label_smoothing, train.crop, train.hflip, train.batch_size) == (0.1, 2, True, 256)
+    assert (train.patience, train.max_epochs) == (40, 40)
+    assert resolve_precision(train) == "bf16-mixed"
+
+
+def test_frozen_lite0_trains_a_wide_head_on_plain_and_mirrored_features():
+    p = params("frozen")
+    lite0 = p.model("lite0")
+    assert p.models == ("lite0",) and uses_features(lite0)
+    assert p.train.hflip and p.evaluate.hflip  # featurize caches both mirrored splits
+    head = build_net("lite0", lite0, 10, STATS, feature_dim=1280)
+    assert linear_widths(head) == [(1280, 2048), (2048, 10)]
+    assert [m.p for m in head.modules() if isinstance(m, nn.Dropout)] == [0.6]
+    assert any(isinstance(m, nn.GELU) for m in head.modules())
+    train = lite0.train
+    assert (train.optimizer, train.lr, train.weight_decay) == ("adamw", 5e-4, 0.1)
+    assert (train.scheduler, train.warmup_epochs, train.label_smoothing) == ("cosine", 1, 0.2)
+    assert train.patience == train.max_epochs == 30
+
+
+def test_fine_tuned_lite0_trains_every_layer_at_decaying_rates():
+    p = load_params(
+        f"{REPO}/params.yaml",
+        deep_merge(
+            grid(f"dvc exp run {FULL} {COMMANDS['fine_tuned']}")[0], {"lite0": {"weights": "none"}}
+        ),
+    )
+    lite0 = p.model("lite0")
+    assert not uses_features(lite0) and p.evaluate.hflip
+    net = build_net("lite0", lite0, 10, STATS)
+    assert all(param.requires_grad for param in net.parameters())
+    groups = param_groups("lite0", lite0, net)
+    scales = [g["lr_scale"] for g in groups]
+    assert scales[0] == 1.0 and scales[1] == pytest.approx(0.8) and scales == sorted(scales)[::-1]
+    train = lite0.train
+    assert (train.crop, train.hflip, train.label_smoothing, train.warmup_epochs) == (
+        4,
+        True,
+        0.1,
+        1,
+    )
+    assert (train.optimizer, train.scheduler, train.max_epochs) == ("adamw", "cosine", 10)
