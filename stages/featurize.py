@@ -16,9 +16,7 @@ def main(name):
         return
     from transfer_study.features import featurize_model  # torch: only for a backbone pass
 
-    featurize_model(
-        name, params.model(name), hflip=params.train.hflip, flip_test=params.evaluate.hflip
-    )
+    featurize_model(name, params.model(name), hflip=params.train.hflip)
 
 
 if __name__ == "__main__":

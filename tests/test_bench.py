@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from conftest import REPO, write_cifar_archive
 
 from transfer_study.bench import main
@@ -47,3 +48,27 @@ def test_study_timer_times_every_stage_then_only_what_a_change_reruns(tmp_path, 
     rerun = summary["rerun"]["stages"]
     assert "train_mlp" in rerun and "report" in rerun
     assert not {"download", "split", "featurize_lite0"} & set(rerun)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["-S", "train.lr"], "-S 'train.lr': expected key=value, e.g. -S train.lr=1e-4"),
+        (["-S", "mlp.hidden=[1,2"], "-S 'mlp.hidden=[1,2': the value is not YAML"),
+        (["-S", "train.lr=-1"], "train.lr = -1.0: accepts a number > 0"),
+        (["--archive", "/no/such.tar.gz"], "--archive /no/such.tar.gz: no such file"),
+    ],
+)
+def test_study_timer_bad_input_is_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["study", "--project", REPO, *argv])
+    assert exit.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {message}")
+
+
+def test_study_timer_reads_plus_plus_keys_as_dvc_does():
+    from transfer_study.study_timer import parse_assignment
+
+    assert parse_assignment("++mlp.train.lr=1e-4") == {"mlp": {"train": {"lr": "1e-4"}}}
+    assert parse_assignment("models={vgg16: false}") == {"models": {"vgg16": False}}

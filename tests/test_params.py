@@ -91,6 +91,7 @@ def test_model_train_section_overrides_only_that_model():
         ({"train": {"label_smoothing": 1}}, "train.label_smoothing = 1.0: accepts a number in [0,"),
         ({"mlp": {"norm": "group"}}, "mlp.norm = 'group': accepts one of none, batch, layer"),
         ({"mlp": {"residual": 1}}, "mlp.residual: expected true or false, got 1"),
+        ({"mlp": {"residual": True}}, "mlp.residual = True: accepts false with mlp.hidden = [256"),
         ({"evaluate": {"tta": True}}, "unknown key 'evaluate.tta' (valid: hflip)"),
         ({"seed": 99999999999999999999}, "seed = 99999999999999999999: accepts an integer from 0"),
         ({"mlp": {"image_size": 2048}}, "mlp.image_size = 2048: accepts an integer from 4 to 256"),

@@ -173,6 +173,14 @@ def test_vgg16_image_size_refeaturizes_only_vgg16(project):
     assert stages_run(output) == ["evaluate", "featurize_vgg16", "report", "train_vgg16"]
 
 
+def test_test_time_flips_rerun_only_evaluate_and_report(project):
+    before = json.loads((project / "metrics/evaluate.json").read_text())
+    output = run(project, "dvc", "exp", "run", "-S", "evaluate.hflip=true")
+    assert stages_run(output) == ["evaluate", "report"]  # mirrored test features are cached
+    after = json.loads((project / "metrics/evaluate.json").read_text())
+    assert set(after) == set(before) and after != before
+
+
 def plotted_models(project):
     """{plot title: the models it shows} of `dvc plots show --json`; images by file name."""
     shown = json.loads(run(project, "dvc", "plots", "show", "--json"))["data"]

@@ -7,13 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 from conftest import REPO
 from torch import nn
 
 from transfer_study.networks import build_net
-from transfer_study.optim import lr_factor
 from transfer_study.params import deep_merge, load_params
+from transfer_study.study_timer import parse_assignment
 from transfer_study.training import Classifier, param_groups
 
 # `models` switches that leave one model in the study (from the committed params.yaml).
@@ -56,20 +55,17 @@ STUDIES = {
 
 def grid(command):
     """Every params override a command sets: one per combination of a queued grid's values,
-    parsed as DVC parses `-S key=value` (the value as YAML)."""
+    each `-S key=value` parsed as DVC parses it (the study timer's parser)."""
     combos = [{}]
     args = shlex.split(command)
     for flag, assignment in zip(args, args[1:]):
         if flag != "-S":
             continue
         key, value = assignment.split("=", 1)
-        key = key.lstrip("+")  # ++key: add the key where params.yaml lacks it (Hydra syntax)
         choices = (
             value.split(",") if "--queue" in args and not value.startswith(("[", "{")) else [value]
         )
-        nested = [yaml.safe_load(choice) for choice in choices]
-        for part in reversed(key.split(".")):
-            nested = [{part: n} for n in nested]
+        nested = [parse_assignment(f"{key}={choice}") for choice in choices]
         combos = [deep_merge(c, n) for c in combos for n in nested]
     return combos
 
@@ -147,9 +143,12 @@ def test_activation_and_optimizer_grids_reach_torch():
         module = Classifier(build_net("mlp", p, 10, STATS), p.train, 10)
         module._trainer = SimpleNamespace(estimated_stepping_batches=300, max_epochs=30)
         built = module.configure_optimizers()
-        assert type(built["optimizer"]) is cls
-        # ExponentialLR with gamma 0.9: the lr of the second epoch's first step is 0.9 lr.
-        assert lr_factor(p.train, step=10, steps_per_epoch=10) == pytest.approx(0.9)
+        optimizer, scheduler = built["optimizer"], built["lr_scheduler"]["scheduler"]
+        assert type(optimizer) is cls
+        for _ in range(10):  # one epoch of 10 steps: then gamma 0.9 applies once
+            optimizer.step()
+            scheduler.step()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.9 * p.train.lr)
 
 
 def test_augmentation_row():

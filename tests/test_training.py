@@ -61,6 +61,21 @@ def test_saved_model_reproduces_the_trained_network(workdir, archive):
     assert set(saved["state_dict"]) == set(net.state_dict())
 
 
+def test_model_saved_before_the_newer_keys_still_loads(workdir, archive):
+    train_model("mlp", params(archive))
+    path = layout.model_file("mlp")
+    saved = torch.load(path, weights_only=True)
+    section = saved["config"]["section"]
+    for key in ("norm", "residual"):
+        del section[key]
+    for key in ("warmup_epochs", "label_smoothing"):
+        del section["train"][key]
+    torch.save(saved, path)
+    net, loaded, _ = load_trained(path)
+    assert (loaded.norm, loaded.residual, loaded.train.warmup_epochs) == ("none", False, 0)
+    assert set(net.state_dict()) == set(saved["state_dict"])
+
+
 def test_frozen_backbone_featurize_train_evaluate(workdir, archive):
     p = params(archive)
     featurize_model("vgg16", p.model("vgg16"))
@@ -133,6 +148,18 @@ def test_warmup_then_cosine_reaches_zero_at_max_epochs(archive):
     assert lrs[30] == pytest.approx(0.05)  # halfway through the 40 cosine steps
     assert all(a > b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] < 0.001
+
+
+def test_fractional_warmup_never_exceeds_the_lr(archive):
+    train = {"warmup_epochs": 0.5, "lr": 0.3}  # 2.5 steps of 5 per epoch: 3 whole steps
+    lrs = lr_by_step(params(archive, train=train).model("mlp"), steps_per_epoch=5, steps=8)
+    assert lrs == pytest.approx([0.1, 0.2, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3])
+
+
+def test_exponential_decay_counts_from_the_end_of_the_warmup(archive):
+    train = {"scheduler": "exponential", "gamma": 0.5, "warmup_epochs": 1, "lr": 0.4}
+    lrs = lr_by_step(params(archive, train=train).model("mlp"), steps_per_epoch=4, steps=12)
+    assert lrs == pytest.approx([0.1, 0.2, 0.3, 0.4] + [0.4] * 4 + [0.2] * 4)
 
 
 def test_no_schedule_keeps_the_bare_optimizer(archive):
@@ -371,19 +398,20 @@ def test_test_time_flips_average_image_and_mirror(workdir, archive):
     from transfer_study.evaluation import test_logits
 
     p = params(archive)
-    featurize_model("vgg16", p.model("vgg16"), flip_test=True)
+    featurize_model("vgg16", p.model("vgg16"))
     train_model("vgg16", p)
     train_model("mlp", p)
     test = load_split(layout.split_file("test"))
-    plain = evaluate_models(["mlp", "vgg16"])
     averaged = evaluate_models(["mlp", "vgg16"], hflip=True)
-    assert plain != averaged
-    # The MLP's averaged probabilities are those of the images and of their mirror images.
+    # The MLP's averaged probabilities are those of the images and of their mirror images
+    # (flipped along the width, as featurize flips them).
     net, section, _ = load_trained(layout.model_file("mlp"))
+    mirror = torch.from_numpy(test.images).flip(3).numpy()
     expected = (
-        predict_logits(net, test.images).softmax(1)
-        + predict_logits(net, np.ascontiguousarray(test.images[..., ::-1])).softmax(1)
+        predict_logits(net, test.images).softmax(1) + predict_logits(net, mirror).softmax(1)
     ) / 2
+    loss = F.nll_loss(expected.log(), torch.as_tensor(test.labels))
+    assert averaged["mlp"]["test_loss"] == pytest.approx(float(loss), abs=1e-5)
     logits = test_logits(net, "mlp", section, test.images, hflip=True)
     torch.testing.assert_close(logits.softmax(1), expected)
     predictions = pd.read_csv(layout.predictions_file("mlp"))

@@ -1,5 +1,6 @@
 """Every trained model on the test split: accuracy and loss, and each test image's prediction."""
 
+import math
 import shutil
 
 import numpy as np
@@ -61,7 +62,7 @@ def mirrored_inputs(name, section, inputs):
     if not path.exists():
         raise UserError(
             f"evaluate.hflip is true but {path} is missing: rerun featurize_{name} "
-            f"(dvc repro featurize_{name}), which caches it when evaluate.hflip is true"
+            f"(dvc repro featurize_{name}), which caches it"
         )
     mirrored = np.load(path)
     if mirrored.shape != inputs.shape:
@@ -74,12 +75,14 @@ def mirrored_inputs(name, section, inputs):
 
 def test_logits(net, name, section, inputs, hflip):
     """The model's test logits; with `hflip`, the log of the mean of the image's and its mirror
-    image's class probabilities (so that softmax gives that mean back)."""
+    image's class probabilities (so that softmax gives that mean back), computed in log space:
+    a probability below float32's smallest would otherwise make the test loss infinite."""
     logits = predict_logits(net, inputs)
     if not hflip:
         return logits
     mirrored = predict_logits(net, mirrored_inputs(name, section, inputs))
-    return ((logits.softmax(1) + mirrored.softmax(1)) / 2).log()
+    both = torch.stack([logits.log_softmax(1), mirrored.log_softmax(1)])
+    return torch.logsumexp(both, dim=0) - math.log(2)
 
 
 def evaluate_models(models, hflip=False):

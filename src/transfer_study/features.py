@@ -81,7 +81,6 @@ def featurize(
             out.write(features.to(torch.float16).cpu().numpy().tobytes())
             first += len(batch)
             bar.update(len(batch))
-            timing.count_images(len(batch))
     return len(images) / (time.perf_counter() - start)
 
 
@@ -104,12 +103,13 @@ def _concatenate(parts, path):
         part.unlink()
 
 
-def featurize_model(name, section, hflip=False, flip_test=False, splits=SPLITS):
+def featurize_model(name, section, hflip=False):
     """Cache the frozen backbone's features of every split, with a meta file and timing metrics.
 
-    With `hflip`, the features of the mirrored train images too (one more pass over train), so
-    that training can flip at random and still read cached features; with `flip_test`, of the
-    mirrored test images (evaluate.hflip averages the two predictions). Under torchrun each rank
+    The mirrored test images' features too, always (one more pass over test), so that
+    evaluate.hflip, which averages the two predictions, reruns evaluate alone. With `hflip`,
+    the mirrored train images' features too (one more pass over train), so that training can
+    flip at random and still read cached features. Under torchrun each rank
     featurizes its slice of every split on its own GPU, and rank 0 joins the slices.
     """
     rank, world, local_rank = torchrun_ranks()
@@ -123,11 +123,10 @@ def featurize_model(name, section, hflip=False, flip_test=False, splits=SPLITS):
     extractor = feature_extractor(name, section.weights, section.image_size)
     extractor = prepare_extractor(extractor, device)
     begun = time.perf_counter()  # the passes only: not a first download of the weights
-    jobs = [(split, split, False) for split in splits]
+    jobs = [(split, split, False) for split in SPLITS]
     if hflip:
         jobs.append((layout.FLIPPED_TRAIN, "train", True))
-    if flip_test:
-        jobs.append((layout.FLIPPED_TEST, "test", True))
+    jobs.append((layout.FLIPPED_TEST, "test", True))
     timings = {}
     for out_name, split, flip in jobs:
         images = load_split(layout.split_file(split)).images
@@ -149,6 +148,7 @@ def featurize_model(name, section, hflip=False, flip_test=False, splits=SPLITS):
             if rank == 0:
                 _concatenate(parts, path)
         timings[out_name] = len(images) / (time.perf_counter() - start)
+        timing.count_images(len(images))  # every rank's slice
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

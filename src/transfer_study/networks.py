@@ -18,7 +18,7 @@ from .models import (
     set_trainable_layers,
 )
 from .nets import Preprocess, mlp
-from .params import MlpParams, parse_section, uses_features
+from .params import MlpParams, parse_saved_section, uses_features
 
 MAX_IMAGE_SIDE = 4096  # pixels; far above the size any dataset here is stored at
 
@@ -115,7 +115,7 @@ def _rebuild(saved, name):
         channels in (1, 3) and sides_ok and len(stats["mean"]) == len(stats["std"]) == channels
     ):
         raise ValueError("its input shape or statistics are not those of stored images")
-    section = parse_section(config["name"], config["section"])
+    section = parse_saved_section(config["name"], config["section"])
     args = (config["name"], section, len(config["classes"]), config["data"], config["feature_dim"])
     # Shapes first, on the meta device (nothing allocated): a file whose config asks for a huge
     # network is refused before it costs memory.

@@ -23,18 +23,17 @@ def build_optimizer(parameters, train):
 
 def lr_factor(train, step, steps_per_epoch):
     """The lr multiplier at optimizer step `step` (0-based): a linear warm-up over
-    train.warmup_epochs, then train.scheduler: none (1), exponential (gamma per whole epoch) or
-    cosine (from 1 after the warm-up down to 0 at the end of train.max_epochs)."""
-    warmup_steps = train.warmup_epochs * steps_per_epoch
+    train.warmup_epochs (whole steps), then train.scheduler from the end of the warm-up: none
+    (1), exponential (gamma per whole epoch) or cosine (down to 0 at the end of max_epochs)."""
+    warmup_steps = math.ceil(train.warmup_epochs * steps_per_epoch)
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    after = step - warmup_steps  # steps since the warm-up ended
     if train.scheduler == "exponential":
-        return train.gamma ** (step // steps_per_epoch)
+        return train.gamma ** (after // steps_per_epoch)
     if train.scheduler == "cosine":
-        total = train.max_epochs * steps_per_epoch
-        return 0.5 * (
-            1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / (total - warmup_steps)))
-        )
+        remaining = max(1, train.max_epochs * steps_per_epoch - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, after / remaining)))
     return 1.0
 
 

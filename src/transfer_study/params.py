@@ -232,6 +232,18 @@ def parse_section(name, raw):
     return _parse(MlpParams if name == "mlp" else BackboneParams, raw, name)
 
 
+# Keys added since model files were first written, with the value that matches a model saved
+# before them (no warm-up, no smoothing, a plain MLP): such a file still loads.
+ADDED_KEYS = {"train": {"warmup_epochs": 0, "label_smoothing": 0.0}}
+ADDED_MLP_KEYS = {"norm": "none", "residual": False}
+
+
+def parse_saved_section(name, raw):
+    """The section saved in a model file, keys added since then filled in."""
+    added = {**ADDED_KEYS, **(ADDED_MLP_KEYS if name == "mlp" else {})}
+    return parse_section(name, deep_merge(added, raw) if isinstance(raw, dict) else raw)
+
+
 def deep_merge(base, overrides):
     """`base` with `overrides` applied key by key, recursively into mappings."""
     if not isinstance(base, dict) or not isinstance(overrides, dict):
@@ -416,6 +428,14 @@ def _validate(params):
         if name == "mlp":
             _validate_layers(section, name)
             _one_of("mlp.norm", section.norm, tuple(NORMS))
+            widths = section.hidden
+            _check(
+                not section.residual or any(a == b for a, b in zip(widths, widths[1:])),
+                "mlp.residual",
+                section.residual,
+                f"false with mlp.hidden = {list(widths)}: a skip connection needs two hidden "
+                "layers in a row of one width, e.g. [1024, 1024]",
+            )
             _check(
                 MLP_MIN_SIZE <= section.image_size <= MLP_MAX_SIZE,
                 "mlp.image_size",

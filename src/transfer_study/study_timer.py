@@ -23,25 +23,38 @@ from . import layout, timing
 from .errors import UserError, exit_on_user_error
 from .params import deep_merge, parse_params
 
-# Stages without batches (download, split, report): their fixed cost ends where main() begins.
 COLUMNS = ("stage", "wall s", "fixed s", "work s", "images/s")
 
 
 def parse_assignment(text):
-    """`a.b=value` (value read as YAML, as `dvc exp run -S` does) -> {"a": {"b": value}}."""
+    """`a.b=value` as `dvc exp run -S` reads it (the value as YAML; a leading `++`, which adds a
+    key params.yaml lacks, changes nothing here) -> {"a": {"b": value}}."""
     key, sep, value = text.partition("=")
+    key = key.removeprefix("++")
     if not sep or not key:
         raise UserError(f"-S {text!r}: expected key=value, e.g. -S train.lr=1e-4")
-    nested = yaml.safe_load(value)
+    try:
+        nested = yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UserError(f"-S {text!r}: the value is not YAML ({problem})") from None
     for part in reversed(key.split(".")):
         nested = {part: nested}
     return nested
 
 
+def run_tool(command, cwd, **kwargs):
+    """subprocess.run of git or dvc; not installed: one line."""
+    try:
+        return subprocess.run(command, cwd=cwd, **kwargs)
+    except FileNotFoundError:
+        raise UserError(f"{command[0]} is not installed (or not on PATH)") from None
+
+
 def copy_project(source, target):
     """The project's files as git sees them (tracked, and new files not ignored) in `target`,
     committed there: no data, cache or outputs come along, so every stage runs."""
-    listed = subprocess.run(
+    listed = run_tool(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=source,
         capture_output=True,
@@ -54,8 +67,11 @@ def copy_project(source, target):
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(origin, target / name)
     git = ["git", "-c", "user.name=timer", "-c", "user.email=timer@localhost"]
+    git += ["-c", "commit.gpgsign=false"]
     for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "study timer"]):
-        subprocess.run([*git, *command], cwd=target, check=True, capture_output=True)
+        done = run_tool([*git, *command], cwd=target, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise UserError(f"git {command[0]} failed in the scratch copy: {done.stderr.strip()}")
 
 
 def set_params(project, overrides):
@@ -74,16 +90,22 @@ def time_repro(project, force):
     path = os.pathsep.join(filter(None, [str(project / "src"), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, timing.ENV: str(records), "DVC_NO_ANALYTICS": "1", "PYTHONPATH": path}
     start = time.time()
-    result = subprocess.run(["dvc", "repro", *(["--force"] if force else [])], cwd=project, env=env)
+    result = run_tool(["dvc", "repro", *(["--force"] if force else [])], cwd=project, env=env)
     seconds = time.time() - start
     if result.returncode != 0:
-        raise UserError(f"dvc repro failed (exit {result.returncode}) in {project}; see above")
+        raise ReproFailed(f"dvc repro failed (exit {result.returncode}) in {project}; see above")
     lines = records.read_text().splitlines() if records.exists() else []
     return seconds, [json.loads(line) for line in lines]
 
 
+class ReproFailed(UserError):
+    """dvc repro failed in the scratch copy, which is kept for a look."""
+
+
 def breakdown(records):
-    """stage -> {seconds, startup_seconds, work_seconds, images_per_second}."""
+    """stage -> {seconds, startup_seconds, work_seconds, images_per_second}. The fixed cost
+    (startup) runs to the first batch; in stages without batches (download, split, report, a
+    left-out model's), to the start of main()."""
     stages = {}
     for record in records:
         wall = record["end"] - record["process_start"]
@@ -186,7 +208,10 @@ def main(argv=None):
         raise UserError(
             f"{project} has no dvc.yaml: run the timer in the project (or pass --project)"
         )
-    scratch = Path(tempfile.mkdtemp(prefix="study-timer-"))
+    # Beside the project, so that a relative path leaving it (data.path=../cifar10-train)
+    # names the same file from the copy.
+    scratch = Path(tempfile.mkdtemp(prefix=".study-timer-", dir=project.parent))
+    keep = args.keep
     try:
         copy_project(project, scratch)
         set_params(scratch, overrides)
@@ -209,8 +234,11 @@ def main(argv=None):
                 "stages": rerun,
                 "test_accuracy": test_accuracy(scratch),
             }
+    except ReproFailed:
+        keep = True
+        raise
     finally:
-        if not args.keep:
+        if not keep:
             shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps(summary))
     return summary

@@ -26,7 +26,8 @@ def work_starts():
 
 
 def count_images(count):
-    """`count` more images went through the stage's main work (for images per second)."""
+    """`count` more images went through the stage's main work, all ranks together (for images
+    per second)."""
     _record["images"] += count
 
 
@@ -35,16 +36,30 @@ def stage_name(argv):
     return "_".join([Path(argv[0]).stem, *argv[1:2]])
 
 
-def write_record():
-    """Append this stage's times (seconds since the epoch) to the timings file, if asked for."""
-    path = os.environ.get(ENV)
-    if not path:
-        return
-    import psutil  # only when timing: when this process started, interpreter start-up included
+def process_start():
+    """When this process started, as time.time() seconds (interpreter start-up included): its
+    age from /proc (10 ms ticks), which psutil's create_time blurs by rounding the boot time
+    to whole seconds."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):  # no /proc (macOS): whole-second boot time
+        import psutil
 
+        return psutil.Process().create_time()
+
+
+def write_record():
+    """Append this stage's times (seconds since the epoch) to the timings file, if asked for.
+    Under DDP or torchrun only the first process writes (its counts cover every rank's)."""
+    path = os.environ.get(ENV)
+    if not path or any(int(os.environ.get(k, 0)) for k in ("RANK", "LOCAL_RANK", "NODE_RANK")):
+        return
     record = {
         "stage": stage_name(sys.argv),
-        "process_start": psutil.Process().create_time(),
+        "process_start": process_start(),
         "work_start": _record.get("work_start", _record.get("main_start")),
         "end": time.time(),
         "images": _record["images"],

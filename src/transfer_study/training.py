@@ -107,13 +107,15 @@ class Classifier(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self._step(batch, "train")
-        timing.count_images(len(batch[1]))
         if self.train_params.l1 > 0:
             # L1 on weight matrices only, as Keras' kernel_regularizer did in the studies.
             named = self.net.named_parameters()
             weights = [p for n, p in named if p.requires_grad and n.endswith("weight")]
             loss = loss + self.train_params.l1 * sum(w.abs().sum() for w in weights)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        timing.count_images(len(batch[1]) * self.trainer.world_size)  # every rank's shard
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
