@@ -42,7 +42,10 @@ def test_study_timer_times_every_stage_then_only_what_a_change_reruns(tmp_path, 
         assert 0 <= times["startup_seconds"] <= times["seconds"] <= summary["total_seconds"]
     # Images went through the batch stages: 120 train images (150 less the val fifth) x 2
     # epochs for the MLP, 50 test images scored by each of the two models.
-    assert stages["train_mlp"]["images_per_second"] > 0
+    for name in ("train_mlp", "featurize_lite0", "evaluate"):  # stages with batches
+        times = stages[name]
+        assert times["images_per_second"] > 0
+        assert 0 < times["startup_seconds"] < times["seconds"]  # a first batch was marked
     assert stages["split"]["images_per_second"] is None
     assert set(summary["test_accuracy"]) == {"mlp", "lite0"}
     rerun = summary["rerun"]["stages"]
@@ -57,6 +60,7 @@ def test_study_timer_times_every_stage_then_only_what_a_change_reruns(tmp_path, 
         (["-S", "mlp.hidden=[1,2"], "-S 'mlp.hidden=[1,2': the value is not YAML"),
         (["-S", "train.lr=-1"], "train.lr = -1.0: accepts a number > 0"),
         (["--archive", "/no/such.tar.gz"], "--archive /no/such.tar.gz: no such file"),
+        (["--rerun", "train.lr=-1"], "train.lr = -1.0: accepts a number > 0"),
     ],
 )
 def test_study_timer_bad_input_is_one_line(argv, message, capsys):

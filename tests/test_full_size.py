@@ -107,9 +107,14 @@ def test_frozen_lite0_trains_a_wide_head_on_plain_and_mirrored_features():
     assert [m.p for m in head.modules() if isinstance(m, nn.Dropout)] == [0.6]
     assert any(isinstance(m, nn.GELU) for m in head.modules())
     train = lite0.train
-    assert (train.optimizer, train.lr, train.weight_decay) == ("adamw", 5e-4, 0.1)
+    module = Classifier(head, train, 10)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=30 * 159, max_epochs=30)
+    built = module.configure_optimizers()
+    assert isinstance(built["optimizer"], torch.optim.AdamW)
+    assert built["optimizer"].defaults["weight_decay"] == 0.1
+    assert built["optimizer"].param_groups[0]["initial_lr"] == 5e-4
     assert (train.scheduler, train.warmup_epochs, train.label_smoothing) == ("cosine", 1, 0.2)
-    assert train.patience == train.max_epochs == 30
+    assert train.patience == train.max_epochs == 30 and train.batch_size == 256
 
 
 def test_fine_tuned_lite0_trains_every_layer_at_decaying_rates():
@@ -127,10 +132,21 @@ def test_fine_tuned_lite0_trains_every_layer_at_decaying_rates():
     scales = [g["lr_scale"] for g in groups]
     assert scales[0] == 1.0 and scales[1] == pytest.approx(0.8) and scales == sorted(scales)[::-1]
     train = lite0.train
+    module = Classifier(net, train, 10, pixels=True, param_groups=groups)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10 * 159, max_epochs=10)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert [g["initial_lr"] for g in optimizer.param_groups[:2]] == pytest.approx([5e-4, 4e-4])
+    assert optimizer.defaults["weight_decay"] == 0.05
     assert (train.crop, train.hflip, train.label_smoothing, train.warmup_epochs) == (
         4,
         True,
         0.1,
         1,
     )
-    assert (train.optimizer, train.scheduler, train.max_epochs) == ("adamw", "cosine", 10)
+    assert (train.scheduler, train.max_epochs, train.patience, train.batch_size) == (
+        "cosine",
+        10,
+        10,
+        256,
+    )

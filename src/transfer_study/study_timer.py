@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -74,12 +75,18 @@ def copy_project(source, target):
             raise UserError(f"git {command[0]} failed in the scratch copy: {done.stderr.strip()}")
 
 
+def merged_params(project, overrides):
+    """The project's params.yaml with nested `overrides`, validated as the stages will (a bad
+    value stops here, with the stages' one line)."""
+    merged = deep_merge(yaml.safe_load((project / "params.yaml").read_text()), overrides)
+    parse_params(merged)
+    return merged
+
+
 def set_params(project, overrides):
-    """Apply nested `overrides` to the copy's params.yaml, validated as the stages will."""
-    path = project / "params.yaml"
-    merged = deep_merge(yaml.safe_load(path.read_text()), overrides)
-    parse_params(merged)  # a bad value stops here, with the stages' one line
-    path.write_text(yaml.safe_dump(merged, sort_keys=False))
+    """Apply nested `overrides` to the copy's params.yaml."""
+    merged = merged_params(project, overrides)
+    (project / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
 
 
 def time_repro(project, force):
@@ -90,10 +97,22 @@ def time_repro(project, force):
     path = os.pathsep.join(filter(None, [str(project / "src"), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, timing.ENV: str(records), "DVC_NO_ANALYTICS": "1", "PYTHONPATH": path}
     start = time.time()
-    result = run_tool(["dvc", "repro", *(["--force"] if force else [])], cwd=project, env=env)
+    try:
+        process = subprocess.Popen(
+            ["dvc", "repro", *(["--force"] if force else [])], cwd=project, env=env
+        )
+    except FileNotFoundError:
+        raise UserError("dvc is not installed (or not on PATH)") from None
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:
+        # Ctrl+C reaches dvc and its stage too; wait for them before the copy is removed.
+        process.send_signal(signal.SIGINT)
+        process.wait()
+        raise
     seconds = time.time() - start
-    if result.returncode != 0:
-        raise ReproFailed(f"dvc repro failed (exit {result.returncode}) in {project}; see above")
+    if code != 0:
+        raise ReproFailed(f"dvc repro failed (exit {code}) in {project} (kept); see above")
     lines = records.read_text().splitlines() if records.exists() else []
     return seconds, [json.loads(line) for line in lines]
 
@@ -203,11 +222,18 @@ def main(argv=None):
         overrides = deep_merge(
             overrides, {"data": {"url": str(args.archive.resolve()), "md5": None}}
         )
+    changes = {}
+    for text in args.rerun:
+        changes = deep_merge(changes, parse_assignment(text))
     project = args.project.resolve()
     if not (project / "dvc.yaml").is_file():
         raise UserError(
             f"{project} has no dvc.yaml: run the timer in the project (or pass --project)"
         )
+    # Every value checked before anything is copied or run: a typo in --rerun would otherwise
+    # surface only after the whole study.
+    study = merged_params(project, overrides)
+    merged_params(project, deep_merge(study, changes))
     # Beside the project, so that a relative path leaving it (data.path=../cifar10-train)
     # names the same file from the copy.
     scratch = Path(tempfile.mkdtemp(prefix=".study-timer-", dir=project.parent))
@@ -222,9 +248,6 @@ def main(argv=None):
         print_table(f"dvc repro, every stage ({summary['device']})", total, stages)
         summary["test_accuracy"] = test_accuracy(scratch)
         if args.rerun:
-            changes = {}
-            for text in args.rerun:
-                changes = deep_merge(changes, parse_assignment(text))
             set_params(scratch, changes)
             total, records = time_repro(scratch, force=False)
             rerun = breakdown(records)
@@ -237,6 +260,9 @@ def main(argv=None):
     except ReproFailed:
         keep = True
         raise
+    except KeyboardInterrupt:
+        print("interrupted: the timer stopped; the project itself is unchanged", file=sys.stderr)
+        sys.exit(130)
     finally:
         if not keep:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -1,7 +1,9 @@
 """Where a stage's time goes, for the study timer: process start, first batch, end, images.
 
 Only when TRANSFER_STUDY_TIMINGS names a file (the timer sets it); otherwise each call is a
-dictionary lookup. Each stage appends one JSON line there as it exits.
+dictionary lookup. Each stage appends one JSON line there as it exits. Under train.strategy
+ddp_spawn the batches run in spawned processes, which write nothing: the record then shows
+the launching process's times, without a first batch or images.
 """
 
 import json
