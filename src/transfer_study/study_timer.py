@@ -98,16 +98,20 @@ def time_repro(project, force):
     env = {**os.environ, timing.ENV: str(records), "DVC_NO_ANALYTICS": "1", "PYTHONPATH": path}
     start = time.time()
     try:
+        # Its own process group: on Ctrl+C (or SIGTERM) the timer interrupts dvc and the stage it
+        # runs together, and waits for both before it removes the copy they write in.
         process = subprocess.Popen(
-            ["dvc", "repro", *(["--force"] if force else [])], cwd=project, env=env
+            ["dvc", "repro", *(["--force"] if force else [])],
+            cwd=project,
+            env=env,
+            start_new_session=True,
         )
     except FileNotFoundError:
         raise UserError("dvc is not installed (or not on PATH)") from None
     try:
         code = process.wait()
     except KeyboardInterrupt:
-        # Ctrl+C reaches dvc and its stage too; wait for them before the copy is removed.
-        process.send_signal(signal.SIGINT)
+        os.killpg(process.pid, signal.SIGINT)
         process.wait()
         raise
     seconds = time.time() - start
