@@ -142,13 +142,17 @@ def uses_features(section):
     return isinstance(section, BackboneParams) and section.trainable_layers == 0
 
 
-def load_params(path="params.yaml", overrides=None):
-    """Parse and validate params.yaml (with optional nested `overrides`) into Params."""
+def read_params(path="params.yaml"):
+    """params.yaml as YAML read it, not yet validated; unreadable: one line."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        return yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
         raise ParamsError(f"cannot read {path}: {error}") from None
-    params = parse_params(deep_merge(raw or {}, overrides or {}))
+
+
+def load_params(path="params.yaml", overrides=None):
+    """Parse and validate params.yaml (with optional nested `overrides`) into Params."""
+    params = parse_params(deep_merge(read_params(path), overrides or {}))
     check_stages(params, Path(path).parent / "dvc.yaml")
     return params
 

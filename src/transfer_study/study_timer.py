@@ -22,7 +22,7 @@ import yaml
 
 from . import layout, timing
 from .errors import UserError, exit_on_user_error
-from .params import deep_merge, parse_params
+from .params import check_stages, deep_merge, parse_params, read_params
 
 COLUMNS = ("stage", "wall s", "fixed s", "work s", "images/s")
 
@@ -75,18 +75,15 @@ def copy_project(source, target):
             raise UserError(f"git {command[0]} failed in the scratch copy: {done.stderr.strip()}")
 
 
-def merged_params(project, overrides):
-    """The project's params.yaml with nested `overrides`, validated as the stages will (a bad
-    value stops here, with the stages' one line)."""
-    merged = deep_merge(yaml.safe_load((project / "params.yaml").read_text()), overrides)
-    parse_params(merged)
-    return merged
+def validated(raw, project):
+    """`raw` params, checked as the project's stages will check them (a bad value stops here,
+    with the stages' one line)."""
+    check_stages(parse_params(raw), project / "dvc.yaml")
+    return raw
 
 
-def set_params(project, overrides):
-    """Apply nested `overrides` to the copy's params.yaml."""
-    merged = merged_params(project, overrides)
-    (project / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
+def write_params(project, raw):
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 def time_repro(project, force):
@@ -236,15 +233,15 @@ def main(argv=None):
         )
     # Every value checked before anything is copied or run: a typo in --rerun would otherwise
     # surface only after the whole study.
-    study = merged_params(project, overrides)
-    merged_params(project, deep_merge(study, changes))
+    study = validated(deep_merge(read_params(project / "params.yaml"), overrides), project)
+    after_change = validated(deep_merge(study, changes), project)
     # Beside the project, so that a relative path leaving it (data.path=../cifar10-train)
     # names the same file from the copy.
     scratch = Path(tempfile.mkdtemp(prefix=".study-timer-", dir=project.parent))
     keep = args.keep
     try:
         copy_project(project, scratch)
-        set_params(scratch, overrides)
+        write_params(scratch, study)
         print(f"scratch copy: {scratch}", file=sys.stderr)
         total, records = time_repro(scratch, force=True)
         stages = breakdown(records)
@@ -252,7 +249,7 @@ def main(argv=None):
         print_table(f"dvc repro, every stage ({summary['device']})", total, stages)
         summary["test_accuracy"] = test_accuracy(scratch)
         if args.rerun:
-            set_params(scratch, changes)
+            write_params(scratch, after_change)
             total, records = time_repro(scratch, force=False)
             rerun = breakdown(records)
             print_table(f"dvc repro after {' '.join(args.rerun)}", total, rerun)
