@@ -1,8 +1,8 @@
 """Stage evaluate: every trained model on the test split."""
 
-from transfer_study.errors import exit_on_user_error
-from transfer_study.evaluation import evaluate_models
-from transfer_study.params import load_params
+from transfer_study.core.config import load_params
+from transfer_study.core.stage import exit_on_user_error
+from transfer_study.evaluate import evaluate_models
 
 
 @exit_on_user_error

@@ -3,9 +3,9 @@
 
 import sys
 
-from transfer_study.errors import exit_on_user_error
-from transfer_study.markers import skip_featurize
-from transfer_study.params import load_params, uses_features
+from transfer_study.core.config import load_params, uses_features
+from transfer_study.core.markers import skip_featurize
+from transfer_study.core.stage import exit_on_user_error
 
 
 @exit_on_user_error
@@ -14,7 +14,7 @@ def main(name):
     if name not in params.models or not uses_features(params.model(name)):
         skip_featurize(name)
         return
-    from transfer_study.features import featurize_model  # torch: only for a backbone pass
+    from transfer_study.featurize import featurize_model  # torch: only for a backbone pass
 
     featurize_model(name, params.model(name), hflip=params.train.hflip)
 

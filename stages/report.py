@@ -1,7 +1,7 @@
 """Stage report: reports/report.md with its table and figures."""
 
-from transfer_study.errors import exit_on_user_error
-from transfer_study.params import load_params
+from transfer_study.core.config import load_params
+from transfer_study.core.stage import exit_on_user_error
 from transfer_study.report import write_report
 
 

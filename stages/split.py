@@ -2,27 +2,27 @@
 
 import sys
 
-from transfer_study import layout
-from transfer_study.atomic import write_json
-from transfer_study.data import make_splits, save_split, split_counts
-from transfer_study.errors import exit_on_user_error
-from transfer_study.params import load_params
-from transfer_study.sources import read_dataset
+from transfer_study.core import paths
+from transfer_study.core.atomic import write_json
+from transfer_study.core.config import load_params
+from transfer_study.core.stage import exit_on_user_error
+from transfer_study.data.splits import make_splits, save_split, split_counts
+from transfer_study.split import read_dataset
 
 
 @exit_on_user_error
 def main():
     params = load_params()
     data = params.data
-    train, test, skipped = read_dataset(layout.RAW_DIR, data)
+    train, test, skipped = read_dataset(paths.RAW_DIR, data)
     splits = make_splits(
         train, test, data.val_fraction, params.seed, data.train_size, data.test_size
     )
     for name, split in splits.items():
-        save_split(split, layout.split_file(name))
+        save_split(split, paths.split_file(name))
     for path in skipped:
         print(f"skipped unreadable image {path}", file=sys.stderr)
-    write_json(layout.METRICS_DIR / "split.json", {**split_counts(splits), "skipped": len(skipped)})
+    write_json(paths.METRICS_DIR / "split.json", {**split_counts(splits), "skipped": len(skipped)})
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 import sys
 
-from transfer_study.errors import exit_on_user_error
-from transfer_study.markers import skip_training
-from transfer_study.params import load_params
+from transfer_study.core.config import load_params
+from transfer_study.core.markers import skip_training
+from transfer_study.core.stage import exit_on_user_error
 
 
 @exit_on_user_error
@@ -13,7 +13,7 @@ def main(name):
     if name not in params.models:
         skip_training(name)  # markers, without importing torch
         return
-    from transfer_study.training import train_model  # torch and Lightning: only to train
+    from transfer_study.train.fit import train_model  # torch and Lightning: only to train
 
     train_model(name, params)
 

@@ -9,16 +9,17 @@ import numpy as np
 import pytest
 import yaml
 
-from transfer_study import layout
-from transfer_study.data import make_splits, save_split
-from transfer_study.params import deep_merge
-from transfer_study.sources import read_cifar10
+from transfer_study.core import paths
+from transfer_study.core.config import deep_merge
+from transfer_study.data.splits import make_splits, save_split
+from transfer_study.split import read_cifar10
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # What every training stage writes into metrics/train_<model>.json, at least.
 TRAIN_KEYS = {
-    "best_val_loss",
-    "best_val_accuracy",
+    "kept_val_loss",
+    "kept_val_accuracy",
+    "kept_epoch",
     "epochs",
     "train_seconds",
     "trainable_params",
@@ -140,5 +141,5 @@ def workdir(archive, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     train, test = read_cifar10(archive)
     for name, split in make_splits(train, test, 0.2, seed=0).items():
-        save_split(split, layout.split_file(name))
+        save_split(split, paths.split_file(name))
     return tmp_path

@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import REPO, write_cifar_archive
 
-from transfer_study.bench import main
+from transfer_study.bench.__main__ import main
 
 
 def test_bench_prints_the_ratio_keys_last(capsys):
@@ -72,7 +72,7 @@ def test_study_timer_bad_input_is_one_line(argv, message, capsys):
 
 
 def test_study_timer_reads_plus_plus_keys_as_dvc_does():
-    from transfer_study.study_timer import parse_assignment
+    from transfer_study.bench.study import parse_assignment
 
     assert parse_assignment("++mlp.train.lr=1e-4") == {"mlp": {"train": {"lr": "1e-4"}}}
     assert parse_assignment("models={vgg16: false}") == {"models": {"vgg16": False}}

@@ -11,16 +11,15 @@ import numpy as np
 import pytest
 from conftest import CLASSES, write_cifar_archive
 
-from transfer_study import sources
-from transfer_study.data import (
+from transfer_study.core.stage import UserError
+from transfer_study.data.splits import (
     load_split,
     make_splits,
     save_split,
     split_counts,
     stratified_sample,
 )
-from transfer_study.errors import UserError
-from transfer_study.sources import read_cifar10
+from transfer_study.split import read_cifar10
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -173,7 +172,7 @@ def test_members_count_only_at_their_official_path_and_once(tmp_path):
 
 
 def test_a_member_far_larger_than_a_batch_is_refused_unread(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "MAX_MEMBER_BYTES", 1000)  # the real bound is 64 MiB
+    monkeypatch.setattr("transfer_study.split.MAX_MEMBER_BYTES", 1000)  # the real bound is 64 MiB
     with pytest.raises(UserError, match=r"data_batch_1 holds [\d,]+ bytes; a CIFAR batch"):
         read_cifar10(write_cifar_archive(tmp_path / "a.tar.gz"))
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from transfer_study.markers import is_skipped
+from transfer_study.core.markers import is_skipped
 
 ROOT = Path(REPO)
 PACKAGE = ROOT / "src" / "transfer_study"
@@ -21,26 +21,21 @@ STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
 def _imported_modules(path):
-    """The package's modules that the file at `path` imports, anywhere in it (also inside
+    """The package's module files that the file at `path` imports, anywhere in it (also inside
     functions: a stage imports its heavy modules only once it knows it needs them)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level == 0 and not (node.module or "").startswith("transfer_study"):
-                continue
-            relative = f"transfer_study.{node.module or ''}".rstrip(".")
-            base = relative if node.level else node.module
-            # `from transfer_study import layout` imports a module; `from .x import y`, module x.
-            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            # `from transfer_study.core import paths` imports a module; `from x.y import z`, x.y.
+            names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
         else:
             continue
         for name in names:
-            parts = name.split(".")
-            if parts[0] == "transfer_study" and len(parts) == 2:
-                if (PACKAGE / f"{parts[1]}.py").exists():
-                    found.add(parts[1])
+            file = ROOT / "src" / f"{name.replace('.', '/')}.py"
+            if name.startswith("transfer_study.") and file.is_file():
+                found.add(file.relative_to(ROOT).as_posix())
     return found
 
 
@@ -51,26 +46,47 @@ def package_closure(script):
         module = todo.pop()
         if module not in seen:
             seen.add(module)
-            todo += _imported_modules(PACKAGE / f"{module}.py")
-    return {f"src/transfer_study/{m}.py" for m in seen}
+            todo += _imported_modules(ROOT / module)
+    return seen
 
 
-def test_package_init_runs_nothing():
-    """Every import runs __init__.py, which no stage lists: it must stay a bare docstring."""
-    body = ast.parse((PACKAGE / "__init__.py").read_text()).body
-    assert len(body) <= 1 and all(isinstance(n, ast.Expr) for n in body)
+def listed_code(deps):
+    """The package modules that dvc.yaml deps name: a folder stands for every module in it."""
+    files = set()
+    for dep in (d for d in deps if isinstance(d, str) and d.startswith("src/")):
+        path = ROOT / dep
+        assert path.exists(), f"{dep}: no such file or folder"
+        found = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        files |= {f.relative_to(ROOT).as_posix() for f in found if f.name != "__init__.py"}
+    return files
+
+
+def test_package_inits_run_nothing():
+    """Every import runs its packages' __init__.py, which no stage lists: each must stay a bare
+    docstring."""
+    for init in PACKAGE.rglob("__init__.py"):
+        body = ast.parse(init.read_text()).body
+        assert len(body) <= 1 and all(isinstance(n, ast.Expr) for n in body), init
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_stage_lists_exactly_the_code_it_runs(stage):
     spec = STAGES[stage]
     script = re.match(r"python (stages/\w+\.py)", spec["cmd"]).group(1)
-    listed = {d for d in spec["deps"] if isinstance(d, str) and d.startswith("src/")}
+    listed, imported = listed_code(spec["deps"]), package_closure(ROOT / script)
     assert script in spec["deps"]
-    assert listed == package_closure(ROOT / script), (
-        f"{stage}: missing {sorted(package_closure(ROOT / script) - listed)}, "
-        f"not imported {sorted(listed - package_closure(ROOT / script))}"
+    assert listed == imported, (
+        f"{stage}: missing {sorted(imported - listed)}, not imported {sorted(listed - imported)}"
     )
+
+
+def test_a_per_model_stage_is_a_few_lines():
+    lines = (ROOT / "dvc.yaml").read_text().splitlines()
+    starts = [i for i, line in enumerate(lines) if re.match(r"  \w+:$", line)]
+    for first, after in zip(starts, starts[1:] + [len(lines)]):
+        body = [line for line in lines[first:after] if line.startswith("    ")]
+        if re.match(r"  (train|featurize)_", lines[first]):
+            assert len(body) + 1 <= 15, lines[first]
 
 
 def test_every_stage_says_what_it_is_for_and_every_model_is_an_artifact():
@@ -94,15 +110,15 @@ def test_metrics_lists_only_the_headline_files():
 
 def test_closure_follows_imports_inside_functions():
     # stages/train.py imports the trainer only once it knows the model is in the study.
-    assert "src/transfer_study/training.py" in package_closure(ROOT / "stages/train.py")
+    assert "src/transfer_study/train/fit.py" in package_closure(ROOT / "stages/train.py")
 
 
 @pytest.mark.parametrize(
     ("script", "kept_out"),
     [
-        ("stages/download.py", {"models", "nets", "training", "sources"}),
-        ("stages/evaluate.py", {"training"}),
-        ("stages/report.py", {"models", "training"}),
+        ("stages/download.py", {"nn/backbones", "nn/layers", "train/fit", "split"}),
+        ("stages/evaluate.py", {"train/fit"}),
+        ("stages/report.py", {"nn/backbones", "train/fit"}),
     ],
 )
 def test_stages_import_only_what_their_job_needs(script, kept_out):

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from transfer_study.core.stage import UserError
 from transfer_study.download import fetch
-from transfer_study.errors import UserError
 
 PAYLOAD = b"cifar" * 100_000
 

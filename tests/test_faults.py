@@ -16,14 +16,14 @@ import pytorch_lightning as pl
 import torch
 from conftest import REPO, RunsCode, only, tiny_overrides, write_params
 
-from transfer_study import layout
-from transfer_study.data import load_split, make_splits, save_split
-from transfer_study.errors import exit_on_user_error
-from transfer_study.evaluation import evaluate_models
-from transfer_study.features import featurize, featurize_model
-from transfer_study.params import deep_merge, load_params
-from transfer_study.sources import read_cifar10
-from transfer_study.training import train_model
+from transfer_study.core import paths
+from transfer_study.core.config import deep_merge, load_params
+from transfer_study.core.stage import exit_on_user_error
+from transfer_study.data.splits import load_split, make_splits, save_split
+from transfer_study.evaluate import evaluate_models
+from transfer_study.featurize import featurize, featurize_model
+from transfer_study.split import read_cifar10
+from transfer_study.train.fit import train_model
 
 
 def params(archive, **overrides):
@@ -38,7 +38,7 @@ def run_study(folder, archive, monkeypatch):
     data = p.data
     splits = make_splits(train, test, data.val_fraction, p.seed, data.train_size, data.test_size)
     for name, split in splits.items():
-        save_split(split, layout.split_file(name))
+        save_split(split, paths.split_file(name))
     featurize_model("vgg16", p.model("vgg16"))
     for name in p.models:
         train_model(name, p)
@@ -51,17 +51,17 @@ def test_same_params_same_bytes_on_the_cpu(archive, tmp_path, monkeypatch):
         folder.mkdir()
         run_study(folder, archive, monkeypatch)
     for split in ("train", "val", "test"):
-        a, b = (load_split(f / layout.split_file(split)) for f in (first, second))
+        a, b = (load_split(f / paths.split_file(split)) for f in (first, second))
         np.testing.assert_array_equal(a.labels, b.labels)
         np.testing.assert_array_equal(a.images, b.images)
-    features = layout.features_file("vgg16", "train")
+    features = paths.features_file("vgg16", "train")
     assert (first / features).read_bytes() == (second / features).read_bytes()
     for name in ("mlp", "vgg16"):
-        a, b = (torch.load(f / layout.model_file(name), weights_only=True) for f in (first, second))
+        a, b = (torch.load(f / paths.model_file(name), weights_only=True) for f in (first, second))
         assert a["state_dict"].keys() == b["state_dict"].keys()
         for key in a["state_dict"]:
             assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    evaluation = layout.EVALUATE_METRICS
+    evaluation = paths.EVALUATE_METRICS
     assert (first / evaluation).read_bytes() == (second / evaluation).read_bytes()
 
 
@@ -93,23 +93,23 @@ def test_resume_continues_an_interrupted_run(workdir, archive):
     settings = {"max_epochs": 6, "patience": 6, "resume": True}
     uninterrupted = train_model("mlp", params(archive, train=settings))
     assert not uninterrupted["resumed"] and uninterrupted["epochs"] == 6
-    reference = np.loadtxt(layout.history_file("mlp"), delimiter=",", skiprows=1)
+    reference = np.loadtxt(paths.history_file("mlp"), delimiter=",", skiprows=1)
 
     with pytest.raises(RuntimeError, match="killed"):
         train_model("mlp", params(archive, train=settings), callbacks=[Interrupt(3)])
-    assert (layout.checkpoint_dir("mlp") / "last.ckpt").exists()
+    assert (paths.checkpoint_dir("mlp") / "last.ckpt").exists()
     resumed = train_model("mlp", params(archive, train=settings))
     assert resumed["resumed"] and resumed["epochs"] == 6
-    history = np.loadtxt(layout.history_file("mlp"), delimiter=",", skiprows=1)
+    history = np.loadtxt(paths.history_file("mlp"), delimiter=",", skiprows=1)
     assert history[:, 0].tolist() == [1, 2, 3, 4, 5, 6]  # the first attempt's epochs kept
     # Epoch 3 was lost with the kill (its checkpoint was not written) and ran again, drawing the
     # same random numbers from the saved random state: every epoch matches.
     np.testing.assert_allclose(history, reference, rtol=1e-5)
     # DVCLive's curves hold the first attempt's epochs too (DVC empties its folder on a rerun).
-    curve = pd.read_csv(layout.live_dir("mlp") / "plots/metrics/val/loss.tsv", sep="\t")
+    curve = pd.read_csv(paths.live_dir("mlp") / "plots/metrics/val/loss.tsv", sep="\t")
     assert curve["step"].tolist() == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose(curve["loss"], reference[:, 3], rtol=1e-5)
-    assert not layout.checkpoint_dir("mlp").exists()  # finished: nothing left to resume
+    assert not paths.checkpoint_dir("mlp").exists()  # finished: nothing left to resume
 
 
 def test_resume_ignores_a_checkpoint_of_another_configuration(workdir, archive):
@@ -124,7 +124,7 @@ def test_resume_from_a_damaged_checkpoint_starts_over(workdir, archive, damage, 
     settings = {"max_epochs": 4, "patience": 4, "resume": True}
     with pytest.raises(RuntimeError, match="killed"):
         train_model("mlp", params(archive, train=settings), callbacks=[Interrupt(3)])
-    last, sentinel = layout.checkpoint_dir("mlp") / "last.ckpt", workdir / "sentinel"
+    last, sentinel = paths.checkpoint_dir("mlp") / "last.ckpt", workdir / "sentinel"
     if damage == "truncated":
         last.write_bytes(last.read_bytes()[:1000])
     else:
@@ -150,7 +150,7 @@ def wait_for(condition, process, seconds=120):
 
 
 def train_outputs(name):
-    return layout.model_file(name), layout.history_file(name), layout.train_metrics(name)
+    return paths.model_file(name), paths.history_file(name), paths.train_metrics(name)
 
 
 def leftovers(workdir):
@@ -163,7 +163,7 @@ def test_interrupted_training_leaves_no_output(workdir, archive, signum):
     long_run = {"max_epochs": 10_000, "patience": 10_000}
     write_params(workdir / "params.yaml", deep_merge(tiny_overrides(archive), {"train": long_run}))
     process = stage(workdir, "train", "mlp")
-    wait_for((layout.checkpoint_dir("mlp") / "last.ckpt").exists, process)
+    wait_for((paths.checkpoint_dir("mlp") / "last.ckpt").exists, process)
     process.send_signal(signum)
     assert process.wait(timeout=60) == 130  # as featurize: not Lightning's exit status 1
     assert "interrupted: no output of this stage was completed" in process.stderr.read()
@@ -179,7 +179,7 @@ def test_interrupted_featurize_leaves_no_output(workdir, archive):
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 130
     assert "interrupted: no output of this stage was completed" in process.stderr.read()
-    assert not layout.features_file("vgg16", "train").exists() and leftovers(workdir) == []
+    assert not paths.features_file("vgg16", "train").exists() and leftovers(workdir) == []
 
 
 def test_full_disk_leaves_no_partial_features(tmp_path, monkeypatch, capsys):
@@ -200,7 +200,7 @@ def test_full_disk_leaves_no_partial_features(tmp_path, monkeypatch, capsys):
         def __exit__(self, *exc):
             self.file.close()
 
-    monkeypatch.setattr("transfer_study.features.open", FullDisk, raising=False)
+    monkeypatch.setattr("transfer_study.featurize.open", FullDisk, raising=False)
     images = np.zeros((4, 3, 8, 8), dtype=np.uint8)
     out = tmp_path / "features" / "train.npy"
 
@@ -298,7 +298,7 @@ def test_a_stage_whose_dvc_parent_dies_stops_and_writes_nothing(workdir, archive
         command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     stage_pid = int(parent.stdout.readline())
-    wait_for((layout.checkpoint_dir("mlp") / "last.ckpt").exists, parent)  # training runs
+    wait_for((paths.checkpoint_dir("mlp") / "last.ckpt").exists, parent)  # training runs
     parent.kill()
     parent.wait()
     deadline = time.monotonic() + 60

@@ -10,11 +10,11 @@ from conftest import REPO
 from test_studies import STATS, grid, linear_widths
 from torch import nn
 
-from transfer_study.nets import Residual
-from transfer_study.networks import build_net
-from transfer_study.optim import lr_factor
-from transfer_study.params import deep_merge, load_params, uses_features
-from transfer_study.training import Classifier, param_groups, resolve_precision
+from transfer_study.core.config import deep_merge, load_params, uses_features
+from transfer_study.nn.build import build_net
+from transfer_study.nn.layers import Residual
+from transfer_study.train.fit import Classifier, param_groups, resolve_precision
+from transfer_study.train.optim import lr_factor
 
 FULL = (
     "-S data.dataset=folder -S data.path=../cifar10-train -S data.image_size=32 "

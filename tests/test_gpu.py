@@ -5,11 +5,11 @@ import pytest
 import torch
 from conftest import REPO, tiny_overrides
 
-from transfer_study import layout
-from transfer_study.features import featurize, prepare_extractor
-from transfer_study.models import backbone_spec, feature_extractor
-from transfer_study.params import deep_merge, load_params
-from transfer_study.training import train_model
+from transfer_study.core import paths
+from transfer_study.core.config import deep_merge, load_params
+from transfer_study.featurize import featurize, prepare_extractor
+from transfer_study.nn.backbones import backbone_spec, feature_extractor
+from transfer_study.train.fit import train_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -41,4 +41,4 @@ def test_training_on_the_gpu_in_bf16(workdir, archive):
     params = load_params(f"{REPO}/params.yaml", deep_merge(tiny_overrides(archive), {}))
     metrics = train_model("mlp", params)
     assert metrics["precision"] == "bf16-mixed" and metrics["device"] != "cpu"
-    assert layout.model_file("mlp").exists()
+    assert paths.model_file("mlp").exists()

@@ -7,13 +7,13 @@ from conftest import REPO, RunsCode
 from torch import nn
 from torchvision import models as tvm
 
-from transfer_study.errors import UserError
-from transfer_study.features import prepare_extractor
-from transfer_study.models import BACKBONES, backbone_spec, count_params, feature_extractor
-from transfer_study.nets import Residual, mlp
-from transfer_study.networks import build_net
-from transfer_study.params import ACTIVATIONS, deep_merge, parse_params
-from transfer_study.training import Classifier, param_groups
+from transfer_study.core.config import ACTIVATIONS, deep_merge, parse_params
+from transfer_study.core.stage import UserError
+from transfer_study.featurize import prepare_extractor
+from transfer_study.nn.backbones import BACKBONES, backbone_spec, count_params, feature_extractor
+from transfer_study.nn.build import build_net
+from transfer_study.nn.layers import Residual, mlp
+from transfer_study.train.fit import Classifier, param_groups
 
 # Every hand-registered backbone, and torchvision models taken by name (one per family kind:
 # a ResNet's fc, a MobileNet's classifier Sequential, a ConvNeXt's norm-flatten-linear head).

@@ -95,7 +95,7 @@ def test_repro_runs_every_stage_and_writes_every_output(project):
         history = pd.read_csv(project / f"plots/history/{name}.csv")
         best = history.loc[history["val_loss"].idxmin()]
         assert set(summary) == {"step", "val", "epochs", "train_seconds"}
-        assert summary["step"] == best["epoch"] == metrics["best_epoch"]
+        assert summary["step"] == best["epoch"] == metrics["kept_epoch"]
         assert summary["val"]["loss"] == pytest.approx(best["val_loss"])
         assert summary["val"]["acc"] == pytest.approx(best["val_acc"])
         assert summary["epochs"] == len(history)

@@ -14,16 +14,16 @@ import torch
 from conftest import CLASSES, REPO, RunsCode, tiny_overrides
 from PIL import Image
 
-from transfer_study import layout
-from transfer_study.data import load_split
-from transfer_study.errors import UserError
-from transfer_study.evaluation import predict_logits
-from transfer_study.features import featurize_model
-from transfer_study.markers import skip_training
-from transfer_study.networks import load_trained
-from transfer_study.params import deep_merge, load_params
+from transfer_study.core import paths
+from transfer_study.core.config import deep_merge, load_params
+from transfer_study.core.markers import skip_training
+from transfer_study.core.stage import UserError
+from transfer_study.data.splits import load_split
+from transfer_study.evaluate import predict_logits
+from transfer_study.featurize import featurize_model
+from transfer_study.nn.build import load_trained
 from transfer_study.predict import predict_files
-from transfer_study.training import train_model
+from transfer_study.train.fit import train_model
 
 
 def params(archive, **overrides):
@@ -32,19 +32,27 @@ def params(archive, **overrides):
 
 def save_test_images(folder, count=3):
     """The first test images as PNG files (lossless), with their labels."""
-    test = load_split(layout.split_file("test"))
-    paths = []
+    test = load_split(paths.split_file("test"))
+    image_paths = []
     for i in range(count):
-        paths.append(folder / f"test{i}.png")
-        Image.fromarray(test.images[i].transpose(1, 2, 0)).save(paths[-1])
-    return paths, test
+        image_paths.append(folder / f"test{i}.png")
+        Image.fromarray(test.images[i].transpose(1, 2, 0)).save(image_paths[-1])
+    return image_paths, test
 
 
 def test_cli_prints_the_top_three_classes(workdir, archive):
     train_model("mlp", params(archive, train={"max_epochs": 4, "patience": 4}))
-    paths, test = save_test_images(workdir)
+    image_paths, test = save_test_images(workdir)
     result = subprocess.run(
-        [sys.executable, "-m", "transfer_study", "predict", "--model", "mlp", *map(str, paths)],
+        [
+            sys.executable,
+            "-m",
+            "transfer_study",
+            "predict",
+            "--model",
+            "mlp",
+            *map(str, image_paths),
+        ],
         cwd=workdir,
         env={**os.environ, "PYTHONPATH": f"{REPO}/src"},
         capture_output=True,
@@ -52,13 +60,13 @@ def test_cli_prints_the_top_three_classes(workdir, archive):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
-    assert len(lines) == 3 * 4 and lines[0] == str(paths[0])
+    assert len(lines) == 3 * 4 and lines[0] == str(image_paths[0])
     ranked = [line.split() for line in lines[1:4]]
     assert all(name in CLASSES for name, _ in ranked)
     probabilities = [float(p) for _, p in ranked]
     assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.001
     # The same answer as the network on the stored test pixels.
-    net, _, _ = load_trained(layout.model_file("mlp"))
+    net, _, _ = load_trained(paths.model_file("mlp"))
     expected = predict_logits(net, test.images[:1]).softmax(dim=1)[0]
     assert ranked[0][0] == CLASSES[int(expected.argmax())]
     assert probabilities[0] == pytest.approx(float(expected.max()), abs=1e-3)
@@ -68,11 +76,11 @@ def test_frozen_backbone_predicts_through_its_extractor(workdir, archive):
     p = params(archive)
     featurize_model("vgg16", p.model("vgg16"))
     train_model("vgg16", p)
-    paths, test = save_test_images(workdir, count=2)
-    results = list(predict_files("vgg16", paths, top=3))
-    assert [path for path, _, _ in results] == paths
-    net, _, _ = load_trained(layout.model_file("vgg16"))
-    features = torch.from_numpy(np.load(layout.features_file("vgg16", "test"))[:2])
+    image_paths, test = save_test_images(workdir, count=2)
+    results = list(predict_files("vgg16", image_paths, top=3))
+    assert [path for path, _, _ in results] == image_paths
+    net, _, _ = load_trained(paths.model_file("vgg16"))
+    features = torch.from_numpy(np.load(paths.features_file("vgg16", "test"))[:2])
     expected = predict_logits(net, features).softmax(dim=1)
     for (_, ranked, _), row in zip(results, expected):
         assert len(ranked) == 3 and ranked[0][0] == CLASSES[int(row.argmax())]
@@ -100,8 +108,8 @@ def test_a_folder_with_a_bad_file_classifies_the_rest_and_fails(workdir, archive
     train_model("mlp", params(archive, train={"max_epochs": 1}))
     folder = workdir / "images"
     (folder / "more").mkdir(parents=True)
-    paths, _ = save_test_images(folder, count=3)
-    paths[2].rename(folder / "more" / "deep.png")  # folders are walked recursively
+    image_paths, _ = save_test_images(folder, count=3)
+    image_paths[2].rename(folder / "more" / "deep.png")  # folders are walked recursively
     (folder / "broken.jpg").write_bytes(b"not an image")
     (folder / "notes.txt").write_text("not an image file name: left alone")
     result = predict_cli(workdir, "--model", "mlp", "--format", "csv", folder, "missing.png")
@@ -121,14 +129,14 @@ def test_a_folder_with_a_bad_file_classifies_the_rest_and_fails(workdir, archive
 
 def test_json_lines_and_batches_match_one_image_at_a_time(workdir, archive):
     train_model("mlp", params(archive, train={"max_epochs": 1}))
-    paths, _ = save_test_images(workdir, count=5)
-    result = predict_cli(workdir, "--model", "mlp", "--format", "json", "--top", "2", *paths)
+    image_paths, _ = save_test_images(workdir, count=5)
+    result = predict_cli(workdir, "--model", "mlp", "--format", "json", "--top", "2", *image_paths)
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [line["path"] for line in lines] == [str(p) for p in paths]
+    assert [line["path"] for line in lines] == [str(p) for p in image_paths]
     assert all(len(line["top"]) == 2 for line in lines)
-    one_by_one = [next(predict_files("mlp", [p], top=2)) for p in paths]
-    batched = list(predict_files("mlp", paths, top=2, batch_size=2))
+    one_by_one = [next(predict_files("mlp", [p], top=2)) for p in image_paths]
+    batched = list(predict_files("mlp", image_paths, top=2, batch_size=2))
     for (_, alone, _), (_, together, _), line in zip(one_by_one, batched, lines):
         assert (
             [c for c, _ in alone] == [c for c, _ in together] == [t["class"] for t in line["top"]]
@@ -176,13 +184,13 @@ def damaged_model_files(path, sentinel):
 @pytest.mark.parametrize("command", ["predict", "evaluate"])
 def test_a_damaged_model_file_gets_one_line_and_runs_nothing(workdir, archive, command):
     train_model("mlp", params(archive, train={"max_epochs": 1}))
-    paths, _ = save_test_images(workdir, count=1)
-    model, sentinel = layout.model_file("mlp"), workdir / "sentinel"
+    image_paths, _ = save_test_images(workdir, count=1)
+    model, sentinel = paths.model_file("mlp"), workdir / "sentinel"
     (workdir / "params.yaml").write_text(open(f"{REPO}/params.yaml").read())
     for what, damage in damaged_model_files(model, sentinel):
         damage()
         if command == "predict":
-            result = predict_cli(workdir, "--model", "mlp", *paths)
+            result = predict_cli(workdir, "--model", "mlp", *image_paths)
         else:
             result = subprocess.run(
                 [sys.executable, f"{REPO}/stages/evaluate.py"],
@@ -204,11 +212,11 @@ def test_many_images_get_a_progress_bar_on_stderr(workdir, archive, monkeypatch,
     from transfer_study import __main__ as cli
 
     train_model("mlp", params(archive, train={"max_epochs": 1}))
-    paths, _ = save_test_images(workdir, count=3)
+    image_paths, _ = save_test_images(workdir, count=3)
     capsys.readouterr()
-    cli.main(["predict", "--model", "mlp", "--format", "json", *map(str, paths)])
+    cli.main(["predict", "--model", "mlp", "--format", "json", *map(str, image_paths)])
     assert "img" not in capsys.readouterr().err  # a few images: no bar
     monkeypatch.setattr(cli, "PROGRESS_FROM", 3)
-    cli.main(["predict", "--model", "mlp", "--format", "json", *map(str, paths)])
+    cli.main(["predict", "--model", "mlp", "--format", "json", *map(str, image_paths)])
     output = capsys.readouterr()
     assert "3/3" in output.err and len(output.out.splitlines()) == 3

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from conftest import REPO, only
 
-from transfer_study import layout
-from transfer_study.data import make_splits, save_split
-from transfer_study.evaluation import evaluate_models
-from transfer_study.features import featurize_model
-from transfer_study.params import load_params
-from transfer_study.sources import read_cifar10
-from transfer_study.training import train_model
+from transfer_study.core import paths
+from transfer_study.core.config import load_params
+from transfer_study.data.splits import make_splits, save_split
+from transfer_study.evaluate import evaluate_models
+from transfer_study.featurize import featurize_model
+from transfer_study.split import read_cifar10
+from transfer_study.train.fit import train_model
 
 SAMPLE = Path(REPO).parent / "shared" / "datasets" / "cifar-10-sample-python.tar.gz"
 SIZE = 128  # pixels: small enough for a CPU, large enough for ImageNet features to matter
@@ -31,7 +31,7 @@ def test_pretrained_lite0_features_beat_random_ones(tmp_path, monkeypatch):
     train, test = read_cifar10(SAMPLE)
     splits = make_splits(train, test, 0.2, seed=0, train_size=2000, test_size=1000)
     for name, split in splits.items():
-        save_split(split, layout.split_file(name))
+        save_split(split, paths.split_file(name))
     accuracy = {}
     for weights in ("imagenet", "none"):
         overrides = {

@@ -16,12 +16,12 @@ import torch
 from conftest import REPO, only, write_cifar_archive, write_params
 from PIL import Image
 
-from transfer_study.data import make_splits
-from transfer_study.datasets import DATASETS
+from transfer_study.core.config import DataParams
+from transfer_study.core.stage import UserError
+from transfer_study.data.catalog import DATASETS
+from transfer_study.data.splits import make_splits
 from transfer_study.download import download_dataset, fetch
-from transfer_study.errors import UserError
-from transfer_study.params import DataParams
-from transfer_study.sources import read_cifar10, read_folder, read_mnist
+from transfer_study.split import read_cifar10, read_folder, read_mnist
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 

@@ -10,10 +10,10 @@ import torch
 from conftest import REPO
 from torch import nn
 
-from transfer_study.networks import build_net
-from transfer_study.params import deep_merge, load_params
-from transfer_study.study_timer import parse_assignment
-from transfer_study.training import Classifier, param_groups
+from transfer_study.bench.study import parse_assignment
+from transfer_study.core.config import deep_merge, load_params
+from transfer_study.nn.build import build_net
+from transfer_study.train.fit import Classifier, param_groups
 
 # `models` switches that leave one model in the study (from the committed params.yaml).
 ONLY_MLP = "-S 'models={vgg16: false, inception: false, lite0: false}'"

@@ -13,15 +13,15 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO, TRAIN_KEYS, tiny_overrides, write_params
 
-from transfer_study import layout
-from transfer_study.data import load_split
-from transfer_study.errors import UserError
-from transfer_study.evaluation import evaluate_models, predict_logits
-from transfer_study.features import featurize_model
-from transfer_study.networks import build_net, load_trained
-from transfer_study.optim import optimizer_class
-from transfer_study.params import OPTIMIZERS, deep_merge, load_params
-from transfer_study.training import Classifier, train_model
+from transfer_study.core import paths
+from transfer_study.core.config import OPTIMIZERS, deep_merge, load_params
+from transfer_study.core.stage import UserError
+from transfer_study.data.splits import load_split
+from transfer_study.evaluate import evaluate_models, predict_logits
+from transfer_study.featurize import featurize_model
+from transfer_study.nn.build import build_net, load_trained
+from transfer_study.train.fit import Classifier, train_model
+from transfer_study.train.optim import optimizer_class
 
 STATS = {"shape": [3, 32, 32], "mean": (0.5,) * 3, "std": (0.25,) * 3}  # what build_net needs
 
@@ -33,9 +33,9 @@ def params(archive, **overrides):
 def test_mlp_learns_and_writes_its_outputs(workdir, archive):
     metrics = train_model("mlp", params(archive, train={"max_epochs": 4, "patience": 4}))
     assert TRAIN_KEYS <= metrics.keys()
-    assert metrics["epochs"] == 4 and metrics["best_val_accuracy"] > 0.5  # chance is 0.1
-    assert json.loads(layout.train_metrics("mlp").read_text()) == metrics
-    history = pd.read_csv(layout.history_file("mlp"))
+    assert metrics["epochs"] == 4 and metrics["kept_val_accuracy"] > 0.5  # chance is 0.1
+    assert json.loads(paths.train_metrics("mlp").read_text()) == metrics
+    history = pd.read_csv(paths.history_file("mlp"))
     assert list(history.columns) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
     assert history["epoch"].tolist() == [1, 2, 3, 4]
 
@@ -55,15 +55,15 @@ def test_divergence_is_reported(workdir, archive):
 
 def test_saved_model_reproduces_the_trained_network(workdir, archive):
     train_model("mlp", params(archive))
-    net, section, config = load_trained(layout.model_file("mlp"))
+    net, section, config = load_trained(paths.model_file("mlp"))
     assert config["section"]["train"]["lr"] == 0.001 and section.hidden == (256, 64)
-    saved = torch.load(layout.model_file("mlp"), weights_only=True)
+    saved = torch.load(paths.model_file("mlp"), weights_only=True)
     assert set(saved["state_dict"]) == set(net.state_dict())
 
 
 def test_model_saved_before_the_newer_keys_still_loads(workdir, archive):
     train_model("mlp", params(archive))
-    path = layout.model_file("mlp")
+    path = paths.model_file("mlp")
     saved = torch.load(path, weights_only=True)
     section = saved["config"]["section"]
     for key in ("norm", "residual"):
@@ -79,7 +79,7 @@ def test_model_saved_before_the_newer_keys_still_loads(workdir, archive):
 def test_frozen_backbone_featurize_train_evaluate(workdir, archive):
     p = params(archive)
     featurize_model("vgg16", p.model("vgg16"))
-    features = np.load(layout.features_file("vgg16", "train"))
+    features = np.load(paths.features_file("vgg16", "train"))
     assert features.shape == (160, 25088) and features.dtype == np.float16
     metrics = train_model("vgg16", p)
     assert metrics["trainable_params"] < metrics["total_params"]
@@ -88,12 +88,12 @@ def test_frozen_backbone_featurize_train_evaluate(workdir, archive):
     assert set(results) == {"mlp", "vgg16"}
     for name in results:
         assert 0 <= results[name]["test_accuracy"] <= 1 and results[name]["test_loss"] > 0
-        predictions = pd.read_csv(layout.predictions_file(name))
+        predictions = pd.read_csv(paths.predictions_file(name))
         assert len(predictions) == 50 and list(predictions.columns[:2]) == ["actual", "predicted"]
-    assert json.loads(layout.EVALUATE_METRICS.read_text()) == results
+    assert json.loads(paths.EVALUATE_METRICS.read_text()) == results
     # Only the models evaluated have predictions: a left-out model's old table is gone.
     evaluate_models(["mlp"])
-    assert sorted(p.name for p in layout.PREDICTIONS_DIR.iterdir()) == ["mlp.csv"]
+    assert sorted(p.name for p in paths.PREDICTIONS_DIR.iterdir()) == ["mlp.csv"]
 
 
 TORCH_OPTIMIZERS = {  # written out, not looked up: a wrong entry in params.OPTIMIZERS fails
@@ -201,12 +201,12 @@ def test_fine_tuning_trains_the_whole_network(workdir, archive, name, size):
     metrics = train_model(name, p)
     assert metrics["trainable_params"] == metrics["total_params"] > 1_000_000
     results = evaluate_models([name])  # from images: no features were cached
-    assert not layout.features_file(name, "test").exists()
+    assert not paths.features_file(name, "test").exists()
     assert 0 <= results[name]["test_accuracy"] <= 1
 
 
 def test_featurize_halves_the_batch_on_out_of_memory(tmp_path, capsys):
-    from transfer_study.features import BATCH_SIZE, featurize
+    from transfer_study.featurize import BATCH_SIZE, featurize
 
     calls = []
 
@@ -225,7 +225,7 @@ def test_featurize_halves_the_batch_on_out_of_memory(tmp_path, capsys):
 
 
 def test_loader_shards_by_rank_and_reshuffles_by_epoch():
-    from transfer_study.training import make_loader
+    from transfer_study.train.fit import make_loader
 
     inputs, labels = torch.arange(20).float()[:, None], torch.arange(20)
 
@@ -254,26 +254,26 @@ def test_ddp_with_two_cpu_processes(workdir, archive, strategy):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    metrics = json.loads(layout.train_metrics("mlp").read_text())
+    metrics = json.loads(paths.train_metrics("mlp").read_text())
     assert TRAIN_KEYS <= metrics.keys() and metrics["epochs"] == 2
     assert "distributed_backend=gloo" in result.stderr + result.stdout
     # The headline summary comes from the launching process, whichever process trained.
-    summary = json.loads(layout.live_summary("mlp").read_text())
-    assert summary["epochs"] == 2 and summary["step"] == metrics["best_epoch"]
+    summary = json.loads(paths.live_summary("mlp").read_text())
+    assert summary["epochs"] == 2 and summary["step"] == metrics["kept_epoch"]
 
 
 def test_featurize_caches_mirrored_train_features(workdir, archive):
-    from transfer_study.features import featurize, prepare_extractor
-    from transfer_study.layout import FLIPPED_TRAIN
-    from transfer_study.models import feature_extractor
+    from transfer_study.core.paths import FLIPPED_TRAIN
+    from transfer_study.featurize import featurize, prepare_extractor
+    from transfer_study.nn.backbones import feature_extractor
 
     section = params(archive).model("vgg16")
     featurize_model("vgg16", section, hflip=True)
-    plain = np.load(layout.features_file("vgg16", "train"))
-    flipped = np.load(layout.features_file("vgg16", FLIPPED_TRAIN))
+    plain = np.load(paths.features_file("vgg16", "train"))
+    flipped = np.load(paths.features_file("vgg16", FLIPPED_TRAIN))
     assert flipped.shape == plain.shape and not np.array_equal(flipped, plain)
     # Flipping on the device gives what featurizing mirrored images gives.
-    images = load_split(layout.split_file("train")).images
+    images = load_split(paths.split_file("train")).images
     extractor = prepare_extractor(feature_extractor("vgg16", "none", 32), torch.device("cpu"))
     featurize(extractor, images, workdir / "a.npy", 25088, torch.device("cpu"), flip=True)
     featurize(
@@ -288,7 +288,7 @@ def test_featurize_caches_mirrored_train_features(workdir, archive):
 
 
 def test_hflip_on_features_picks_plain_or_mirrored_per_sample():
-    from transfer_study.training import make_loader
+    from transfer_study.train.fit import make_loader
 
     plain, mirrored = torch.zeros(64, 3), torch.ones(64, 3)
     loader = make_loader(plain, torch.arange(64), 64, shuffle=False, flipped=mirrored)
@@ -346,17 +346,17 @@ def test_featurize_under_torchrun_matches_one_process(workdir, archive):
         [sys.executable, *stage], cwd=workdir, env=env, check=True, capture_output=True, timeout=300
     )
     splits = ("train", "val", "test")
-    single = {s: np.load(layout.features_file("vgg16", s)) for s in splits}
+    single = {s: np.load(paths.features_file("vgg16", s)) for s in splits}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     result = subprocess.run(
         [*torchrun, *stage], cwd=workdir, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
     for split in splits:  # each rank ran its own half; rank 0 joined them in order
-        joined = np.load(layout.features_file("vgg16", split)).astype(np.float32)
+        joined = np.load(paths.features_file("vgg16", split)).astype(np.float32)
         np.testing.assert_allclose(joined, single[split].astype(np.float32), rtol=2e-2, atol=2e-2)
-    assert not list(layout.features_file("vgg16", "train").parent.glob("*part*"))
-    assert json.loads((layout.METRICS_DIR / "featurize_vgg16.json").read_text())["device"] == (
+    assert not list(paths.features_file("vgg16", "train").parent.glob("*part*"))
+    assert json.loads((paths.METRICS_DIR / "featurize_vgg16.json").read_text())["device"] == (
         "2 x cpu"
     )
 
@@ -374,59 +374,59 @@ def test_dvclive_logs_each_epoch_and_summarizes_the_kept_one(workdir, archive):
     # A high lr makes val loss wander, so the kept epoch is rarely the last.
     p = params(archive, train={"max_epochs": 8, "patience": 3, "lr": 0.05})
     metrics = train_model("mlp", p)
-    history = pd.read_csv(layout.history_file("mlp"))
+    history = pd.read_csv(paths.history_file("mlp"))
     kept = history.loc[history["val_loss"].idxmin()]
-    summary = json.loads(layout.live_summary("mlp").read_text())
+    summary = json.loads(paths.live_summary("mlp").read_text())
     assert summary == {
         "step": int(kept["epoch"]),
         "val": {"loss": pytest.approx(kept["val_loss"]), "acc": pytest.approx(kept["val_acc"])},
         "epochs": len(history),
         "train_seconds": metrics["train_seconds"],
     }
-    curve = pd.read_csv(layout.live_dir("mlp") / "plots/metrics/val/loss.tsv", sep="\t")
+    curve = pd.read_csv(paths.live_dir("mlp") / "plots/metrics/val/loss.tsv", sep="\t")
     assert curve["step"].tolist() == history["epoch"].tolist()  # one row per epoch, 1-based
     np.testing.assert_allclose(curve["loss"], history["val_loss"], rtol=1e-6)
     # The model file holds the kept epoch's weights: its val loss is the summary's.
-    net, section, _ = load_trained(layout.model_file("mlp"))
-    val = load_split(layout.split_file("val"))
+    net, section, _ = load_trained(paths.model_file("mlp"))
+    val = load_split(paths.split_file("val"))
     logits = predict_logits(net, val.images)
     loss = float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(val.labels)))
     assert loss == pytest.approx(summary["val"]["loss"], rel=1e-4)
 
 
 def test_test_time_flips_average_image_and_mirror(workdir, archive):
-    from transfer_study.evaluation import test_logits
+    from transfer_study.evaluate import logits_on_test
 
     p = params(archive)
     featurize_model("vgg16", p.model("vgg16"))
     train_model("vgg16", p)
     train_model("mlp", p)
-    test = load_split(layout.split_file("test"))
+    test = load_split(paths.split_file("test"))
     averaged = evaluate_models(["mlp", "vgg16"], hflip=True)
     # The MLP's averaged probabilities are those of the images and of their mirror images
     # (flipped along the width, as featurize flips them).
-    net, section, _ = load_trained(layout.model_file("mlp"))
+    net, section, _ = load_trained(paths.model_file("mlp"))
     mirror = torch.from_numpy(test.images).flip(3).numpy()
     expected = (
         predict_logits(net, test.images).softmax(1) + predict_logits(net, mirror).softmax(1)
     ) / 2
     loss = F.nll_loss(expected.log(), torch.as_tensor(test.labels))
     assert averaged["mlp"]["test_loss"] == pytest.approx(float(loss), abs=1e-5)
-    logits = test_logits(net, "mlp", section, test.images, hflip=True)
+    logits = logits_on_test(net, "mlp", section, test.images, hflip=True)
     torch.testing.assert_close(logits.softmax(1), expected)
-    predictions = pd.read_csv(layout.predictions_file("mlp"))
+    predictions = pd.read_csv(paths.predictions_file("mlp"))
     np.testing.assert_allclose(predictions["confidence"], expected.max(1).values, atol=1e-4)
     # A frozen backbone averages over the cached features of the mirrored test images.
-    flipped = np.load(layout.features_file("vgg16", layout.FLIPPED_TEST))
-    net, section, _ = load_trained(layout.model_file("vgg16"))
-    plain_features = np.load(layout.features_file("vgg16", "test"))
+    flipped = np.load(paths.features_file("vgg16", paths.FLIPPED_TEST))
+    net, section, _ = load_trained(paths.model_file("vgg16"))
+    plain_features = np.load(paths.features_file("vgg16", "test"))
     assert flipped.shape == plain_features.shape and not np.array_equal(flipped, plain_features)
     expected = (
         predict_logits(net, plain_features).softmax(1) + predict_logits(net, flipped).softmax(1)
     ) / 2
     torch.testing.assert_close(
-        test_logits(net, "vgg16", section, plain_features, True).softmax(1), expected
+        logits_on_test(net, "vgg16", section, plain_features, True).softmax(1), expected
     )
-    layout.features_file("vgg16", layout.FLIPPED_TEST).unlink()
+    paths.features_file("vgg16", paths.FLIPPED_TEST).unlink()
     with pytest.raises(UserError, match="evaluate.hflip is true but features/vgg16/test_flipped"):
         evaluate_models(["vgg16"], hflip=True)

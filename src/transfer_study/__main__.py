@@ -8,8 +8,8 @@ import sys
 
 from tqdm import tqdm
 
-from .errors import exit_on_user_error
-from .predict import image_files, predict_files
+from transfer_study.core.stage import exit_on_user_error
+from transfer_study.predict import image_files, predict_files
 
 PROGRESS_FROM = 300  # images; fewer finish before a progress bar would say anything
 

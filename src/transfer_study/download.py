@@ -12,10 +12,10 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from . import layout
-from .atomic import atomic_path, write_json
-from .datasets import DATASETS
-from .errors import UserError
+from transfer_study.core import paths
+from transfer_study.core.atomic import atomic_path, write_json
+from transfer_study.core.stage import UserError
+from transfer_study.data.catalog import DATASETS
 
 CHUNK = 1 << 20  # bytes per read
 ATTEMPTS = 4  # tries per file on transient network errors
@@ -116,7 +116,7 @@ def _open(url, timeout):
         with response:
             yield response, int(length) if length else None
         return
-    path = Path(parsed.path) if parsed.scheme == "file" else layout.user_path(url)
+    path = Path(parsed.path) if parsed.scheme == "file" else paths.user_path(url)
     if not path.is_file():  # a FIFO or a device would block the read, or never end it
         what = "not a regular file" if path.exists() else "no such file"
         raise UserError(f"data.url = {url}: {what} ({path})")

@@ -5,23 +5,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import layout
-from .evaluation import predict_logits
-from .features import prepare_extractor
-from .hardware import default_device, featurize_dtype
-from .models import feature_extractor
-from .networks import load_trained
-from .params import uses_features
-from .sources import IMAGE_SUFFIXES, UNREADABLE_IMAGE, read_image
+from transfer_study.core import paths
+from transfer_study.core.config import uses_features
+from transfer_study.evaluate import predict_logits
+from transfer_study.featurize import prepare_extractor
+from transfer_study.nn.backbones import feature_extractor
+from transfer_study.nn.build import load_trained
+from transfer_study.nn.device import default_device, featurize_dtype
+from transfer_study.split import IMAGE_SUFFIXES, UNREADABLE_IMAGE, read_image
 
 BATCH_SIZE = 64  # images decoded and classified together
 
 
-def image_files(paths):
+def image_files(targets):
     """(files to classify, [(path, why it is skipped)]): each path as given, a folder as the
     image files below it (recursively, in sorted order)."""
     files, problems = [], []
-    for path in map(Path, paths):
+    for path in map(Path, targets):
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
             found = [p for p in found if not p.is_dir()]  # a FIFO is named when read
@@ -38,7 +38,7 @@ def image_files(paths):
 def load_classifier(name):
     """(uint8 N x C x H x W images -> class probabilities, (C, H, W) the images are read at,
     class names) of models/<name>.pt; a frozen backbone's head gets the backbone's features."""
-    net, section, config = load_trained(layout.model_file(name))
+    net, section, config = load_trained(paths.model_file(name))
     device = default_device()
     extractor = None
     if uses_features(section):
@@ -57,14 +57,14 @@ def load_classifier(name):
     return classify, tuple(config["data"]["shape"]), config["classes"]
 
 
-def predict_files(name, paths, top=3, batch_size=BATCH_SIZE):
+def predict_files(name, targets, top=3, batch_size=BATCH_SIZE):
     """Yield (path, [(class, probability), ...top] or None, None or why it is unreadable) for
     each file, in order, a batch at a time: each image is read as the model's training images
     were stored (RGB or grayscale, resized), so a photo becomes what the model was trained on."""
     classify, shape, classes = load_classifier(name)
-    for first in range(0, len(paths), batch_size):
+    for first in range(0, len(targets), batch_size):
         results, images = [], []
-        for path in paths[first : first + batch_size]:
+        for path in targets[first : first + batch_size]:
             try:
                 images.append(read_image(path, shape))
                 results.append([path, None, None])

@@ -8,9 +8,9 @@ import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: no global state, no display backend
 from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
 
-from . import layout
-from .atomic import atomic_path, write_text
-from .data import load_split
+from transfer_study.core import paths
+from transfer_study.core.atomic import atomic_path, write_text
+from transfer_study.data.splits import load_split
 
 GRID = (4, 6)  # rows x columns of misclassified test images per model
 
@@ -169,30 +169,30 @@ def study_tables(seconds, evaluation, histories, predictions, classes):
 
 def _kept(history, train):
     """The history row of the epoch whose weights the model keeps."""
-    return history[history["epoch"] == train["best_epoch"]].iloc[0]
+    return history[history["epoch"] == train["kept_epoch"]].iloc[0]
 
 
 def compute_seconds(name, train):
     """Featurize plus train seconds of a model (`train`: its train metrics); a model whose
     featurize stage did no work counts its training alone."""
-    featurize = layout.featurize_metrics(name)
+    featurize = paths.featurize_metrics(name)
     seconds = json.loads(featurize.read_text()).get("seconds", 0) if featurize.exists() else 0
     return train["train_seconds"] + seconds
 
 
-def write_report(models, out_dir=layout.REPORT_DIR):
+def write_report(models, out_dir=paths.REPORT_DIR):
     """reports/report.md, its PNGs (reports/figures/) and the study's plot data (reports/*.csv),
     for the models in `models`."""
-    evaluation = json.loads(layout.EVALUATE_METRICS.read_text())
-    test = load_split(layout.split_file("test"))
-    figures = out_dir / layout.FIGURES_DIR.relative_to(layout.REPORT_DIR)
+    evaluation = json.loads(paths.EVALUATE_METRICS.read_text())
+    test = load_split(paths.split_file("test"))
+    figures = out_dir / paths.FIGURES_DIR.relative_to(paths.REPORT_DIR)
     rows, histories, predictions, seconds = [], {}, {}, {}
     for name in models:
-        train = json.loads(layout.train_metrics(name).read_text())
-        histories[name] = pd.read_csv(layout.history_file(name))
+        train = json.loads(paths.train_metrics(name).read_text())
+        histories[name] = pd.read_csv(paths.history_file(name))
         # Class names stay strings, even digits (MNIST's "0".."9").
         predictions[name] = pd.read_csv(
-            layout.predictions_file(name), dtype={"actual": str, "predicted": str}
+            paths.predictions_file(name), dtype={"actual": str, "predicted": str}
         )
         seconds[name] = compute_seconds(name, train)
         confusion_plot(name, predictions[name], test.classes, figures / f"confusion_{name}.png")
@@ -233,7 +233,7 @@ def _table(header, rows):
 
 def _markdown(rows, per_class, models, test_size):
     header = list(rows[0])
-    folder = layout.FIGURES_DIR.relative_to(layout.REPORT_DIR)
+    folder = paths.FIGURES_DIR.relative_to(paths.REPORT_DIR)
     lines = [
         "# CIFAR-10: MLP against ImageNet transfer learning",
         "",

@@ -1,7 +1,7 @@
 """Side-by-side benchmark: the notebooks' per-image PIL pipeline against cached features.
 
 python -m transfer_study.bench [--quick] [--archive cifar.tar.gz] [--backbones vgg16 inception]
-python -m transfer_study.bench study ...: the whole pipeline timed stage by stage (study_timer.py)
+python -m transfer_study.bench study ...: the whole pipeline timed stage by stage (bench/study.py)
 
 Both paths run in one process on the same images, so the printed ratios hold on a shared,
 noisy machine where absolute times do not. The last line is JSON with the ratios.
@@ -9,7 +9,6 @@ noisy machine where absolute times do not. The last line is JSON with the ratios
 
 import argparse
 import json
-import sys
 import tempfile
 import threading
 import time
@@ -23,13 +22,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from .data import channel_stats
-from .features import BATCH_SIZE, featurize, prepare_extractor
-from .hardware import default_device, enable_fast_cuda, featurize_dtype
-from .models import backbone_spec, feature_extractor
-from .nets import Preprocess, mlp
-from .sources import read_cifar10
-from .training import make_loader
+from transfer_study.data.splits import channel_stats
+from transfer_study.featurize import BATCH_SIZE, featurize, prepare_extractor
+from transfer_study.nn.backbones import backbone_spec, feature_extractor
+from transfer_study.nn.device import default_device, enable_fast_cuda, featurize_dtype
+from transfer_study.nn.layers import Preprocess, mlp
+from transfer_study.split import read_cifar10
+from transfer_study.train.fit import make_loader
 
 EPOCHS = 6  # the studies' VGG16 run: six epochs
 HEAD = ((128, 64), "leaky_relu", 0.3)  # params.yaml's default head
@@ -273,11 +272,6 @@ def run_precision_check(args, names, count, device):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["study"]:
-        from .study_timer import main as time_study
-
-        return time_study(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archive", help="CIFAR-10 python archive (default: random images)")
     parser.add_argument("--quick", action="store_true", help="CPU-sized: 256 images, vgg16 only")
@@ -334,7 +328,3 @@ def main(argv=None):
     summary["device"] = device_name
     print(json.dumps(summary))
     return summary
-
-
-if __name__ == "__main__":
-    main()

@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 
-from . import timing
+from transfer_study.core import timing
 
 PARENT_POLL_SECONDS = 1.0  # how soon a stage notices that DVC, which started it, is gone
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from . import layout
-from .datasets import BAD_IMAGES, DATASETS
-from .errors import UserError
+from transfer_study.core import paths
+from transfer_study.core.stage import UserError
+from transfer_study.data.catalog import BAD_IMAGES, DATASETS
 
 # What each key accepts. No torch here: a stage decides what to do before paying for its import.
 ACTIVATIONS = {  # name -> torch.nn class
@@ -37,7 +37,7 @@ NORMS = {"none": None, "batch": "BatchNorm1d", "layer": "LayerNorm"}  # name -> 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 STRATEGIES = ("auto", "ddp", "ddp_spawn")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true")
-MLP_MIN_SIZE = 4  # pixels; a backbone's smallest input is its registry entry's (models.py)
+MLP_MIN_SIZE = 4  # pixels; a backbone's smallest input is its registry entry's (nn/backbones.py)
 MLP_MAX_SIZE = 256  # pixels: 3 x 256 x 256 inputs already make a 50M-weight first layer
 MAX_IMAGE_SIZE = 1024  # pixels, for stored and backbone images: 4x ImageNet's usual input
 MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed range
@@ -395,7 +395,7 @@ def _validate_data(data):
 
 def _validate_backbone(name, section):
     _validate_layers(section.head, f"{name}.head")
-    # The smallest size is the registry's, checked where the backbone is built (models.py).
+    # The smallest size is the registry's, checked where the backbone is built (nn/backbones.py).
     _check(
         section.image_size <= MAX_IMAGE_SIZE,
         f"{name}.image_size",
@@ -404,7 +404,7 @@ def _validate_backbone(name, section):
     )
     weights = section.weights
     _check(
-        weights in ("imagenet", "none") or layout.user_path(weights).is_file(),
+        weights in ("imagenet", "none") or paths.user_path(weights).is_file(),
         f"{name}.weights",
         weights,
         "imagenet, none or the path of an existing state_dict file",

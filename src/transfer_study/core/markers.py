@@ -2,8 +2,8 @@
 
 import json
 
-from . import layout
-from .atomic import write_json, write_text
+from transfer_study.core import paths
+from transfer_study.core.atomic import write_json, write_text
 
 SKIPPED = {"skipped": True}
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")  # plots/history/
@@ -11,17 +11,17 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")  #
 
 def skip_featurize(name):
     """featurize_<name>'s outputs, without a backbone pass."""
-    write_json(layout.features_meta(name), SKIPPED)
-    write_json(layout.featurize_metrics(name), SKIPPED)
+    write_json(paths.features_meta(name), SKIPPED)
+    write_json(paths.featurize_metrics(name), SKIPPED)
 
 
 def skip_training(name):
     """train_<name>'s outputs, without training: markers in place of the model file and the
     DVCLive summary, and a history with no epochs."""
-    write_json(layout.model_file(name), SKIPPED)
-    write_json(layout.train_metrics(name), SKIPPED)
-    write_json(layout.live_summary(name), SKIPPED)
-    write_text(layout.history_file(name), ",".join(HISTORY_COLUMNS) + "\n")
+    write_json(paths.model_file(name), SKIPPED)
+    write_json(paths.train_metrics(name), SKIPPED)
+    write_json(paths.live_summary(name), SKIPPED)
+    write_text(paths.history_file(name), ",".join(HISTORY_COLUMNS) + "\n")
 
 
 def is_skipped(path):

@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .atomic import atomic_path
-from .errors import UserError
+from transfer_study.core.atomic import atomic_path
+from transfer_study.core.stage import UserError
 
 SPLITS = ("train", "val", "test")
 

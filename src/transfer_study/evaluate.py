@@ -8,12 +8,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from . import layout, timing
-from .atomic import atomic_path, write_json
-from .errors import UserError
-from .hardware import autocast_dtype, default_device
-from .networks import load_inputs, load_trained
-from .params import uses_features
+from transfer_study.core import paths, timing
+from transfer_study.core.atomic import atomic_path, write_json
+from transfer_study.core.config import uses_features
+from transfer_study.core.stage import UserError
+from transfer_study.nn.build import load_inputs, load_trained
+from transfer_study.nn.device import autocast_dtype, default_device
 
 BATCH_SIZE = 256  # images or feature rows per forward pass
 PREDICTION_COLUMNS = ["actual", "predicted", "confidence"]  # predictions/<model>.csv
@@ -58,7 +58,7 @@ def mirrored_inputs(name, section, inputs):
     images flipped left-right."""
     if not uses_features(section):
         return np.ascontiguousarray(inputs[..., ::-1])
-    path = layout.features_file(name, layout.FLIPPED_TEST)
+    path = paths.features_file(name, paths.FLIPPED_TEST)
     if not path.exists():
         raise UserError(
             f"evaluate.hflip is true but {path} is missing: rerun featurize_{name} "
@@ -73,7 +73,7 @@ def mirrored_inputs(name, section, inputs):
     return mirrored
 
 
-def test_logits(net, name, section, inputs, hflip):
+def logits_on_test(net, name, section, inputs, hflip):
     """The model's test logits; with `hflip`, the log of the mean of the image's and its mirror
     image's class probabilities (so that softmax gives that mean back), computed in log space:
     a probability below float32's smallest would otherwise make the test loss infinite."""
@@ -92,13 +92,13 @@ def evaluate_models(models, hflip=False):
     Every model is scored before anything is written, so a bad model file changes nothing."""
     results, tables = {}, {}
     for name in models:
-        net, section, _ = load_trained(layout.model_file(name))
+        net, section, _ = load_trained(paths.model_file(name))
         inputs, test = load_inputs(name, section, "test")
-        logits = test_logits(net, name, section, inputs, hflip)
+        logits = logits_on_test(net, name, section, inputs, hflip)
         results[name], tables[name] = score(logits, test.labels, test.classes)
-    shutil.rmtree(layout.PREDICTIONS_DIR, ignore_errors=True)  # no left-out model's old table
+    shutil.rmtree(paths.PREDICTIONS_DIR, ignore_errors=True)  # no left-out model's old table
     for name, table in tables.items():
-        with atomic_path(layout.predictions_file(name)) as tmp:
+        with atomic_path(paths.predictions_file(name)) as tmp:
             table.to_csv(tmp, index=False)
-    write_json(layout.EVALUATE_METRICS, results)
+    write_json(paths.EVALUATE_METRICS, results)
     return results

@@ -3,7 +3,7 @@
 python -m transfer_study.bench study [--archive PATH] [-S key=value ...] [--rerun key=value ...]
 
 Each stage reports when its process started, when its first batch began and when it ended
-(timing.py); the table splits its wall time into the fixed cost (process start, imports, CUDA
+(core/timing.py); the table splits its wall time into the fixed cost (process start, imports, CUDA
 and model set-up: everything before the first batch) and the work. The last line is JSON.
 """
 
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from . import layout, timing
-from .errors import UserError, exit_on_user_error
-from .params import check_stages, deep_merge, parse_params, read_params
+from transfer_study.core import paths, timing
+from transfer_study.core.config import check_stages, deep_merge, parse_params, read_params
+from transfer_study.core.stage import UserError, exit_on_user_error
 
 COLUMNS = ("stage", "wall s", "fixed s", "work s", "images/s")
 
@@ -140,9 +140,9 @@ def breakdown(records):
     return stages
 
 
-def test_accuracy(project):
+def accuracies_on_test(project):
     """Each model's test accuracy in the copy's metrics/evaluate.json (printed, and returned)."""
-    scores = json.loads((project / layout.EVALUATE_METRICS).read_text())
+    scores = json.loads((project / paths.EVALUATE_METRICS).read_text())
     accuracy = {name: result["test_accuracy"] for name, result in scores.items()}
     print("test accuracy: " + ", ".join(f"{name} {a:.2%}" for name, a in accuracy.items()))
     return accuracy
@@ -247,7 +247,7 @@ def main(argv=None):
         stages = breakdown(records)
         summary = {"total_seconds": round(total, 2), "device": device_name(), "stages": stages}
         print_table(f"dvc repro, every stage ({summary['device']})", total, stages)
-        summary["test_accuracy"] = test_accuracy(scratch)
+        summary["test_accuracy"] = accuracies_on_test(scratch)
         if args.rerun:
             write_params(scratch, after_change)
             total, records = time_repro(scratch, force=False)
@@ -256,7 +256,7 @@ def main(argv=None):
             summary["rerun"] = {
                 "total_seconds": round(total, 2),
                 "stages": rerun,
-                "test_accuracy": test_accuracy(scratch),
+                "test_accuracy": accuracies_on_test(scratch),
             }
     except ReproFailed:
         keep = True

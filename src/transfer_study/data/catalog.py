@@ -1,4 +1,4 @@
-"""The datasets params.yaml can name: each one's official files and md5s (readers: sources.py)."""
+"""The datasets params.yaml can name: each one's official files and md5s (readers: split.py)."""
 
 from dataclasses import dataclass
 

@@ -9,12 +9,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import layout, timing
-from .atomic import atomic_path, write_json
-from .data import SPLITS, load_split
-from .errors import UserError
-from .hardware import default_device, enable_fast_cuda, featurize_dtype
-from .models import backbone_spec, count_params, feature_extractor
+from transfer_study.core import paths, timing
+from transfer_study.core.atomic import atomic_path, write_json
+from transfer_study.core.stage import UserError
+from transfer_study.data.splits import SPLITS, load_split
+from transfer_study.nn.backbones import backbone_spec, count_params, feature_extractor
+from transfer_study.nn.device import default_device, enable_fast_cuda, featurize_dtype
 
 # Images per backbone call, to start with: CPU batches only need to amortize Python overhead;
 # GPU batches aim to fill the device (VGG16 at 224 px in bf16 takes ~6 GiB for 256 images) and
@@ -125,12 +125,12 @@ def featurize_model(name, section, hflip=False):
     begun = time.perf_counter()  # the passes only: not a first download of the weights
     jobs = [(split, split, False) for split in SPLITS]
     if hflip:
-        jobs.append((layout.FLIPPED_TRAIN, "train", True))
-    jobs.append((layout.FLIPPED_TEST, "test", True))
+        jobs.append((paths.FLIPPED_TRAIN, "train", True))
+    jobs.append((paths.FLIPPED_TEST, "test", True))
     timings = {}
     for out_name, split, flip in jobs:
-        images = load_split(layout.split_file(split)).images
-        path = layout.features_file(name, out_name)
+        images = load_split(paths.split_file(split)).images
+        path = paths.features_file(name, out_name)
         parts = [path.with_name(f"{path.stem}.part{r}.npy") for r in range(world)]
         mine = slice(rank * len(images) // world, (rank + 1) * len(images) // world)
         start = time.perf_counter()
@@ -160,7 +160,7 @@ def featurize_model(name, section, hflip=False):
         "image_size": section.image_size,
         "weights": section.weights,
     }
-    write_json(layout.features_meta(name), meta)
+    write_json(paths.features_meta(name), meta)
     metrics = {
         # Every pass over the splits: the report's cost of the frozen backbone.
         "seconds": round(time.perf_counter() - begun, 2),
@@ -168,5 +168,5 @@ def featurize_model(name, section, hflip=False):
         "device": str(device) if world == 1 else f"{world} x {device.type}",
         "precision": "bf16" if featurize_dtype(device) else "fp32",
     }
-    write_json(layout.featurize_metrics(name), metrics)
+    write_json(paths.featurize_metrics(name), metrics)
     return metrics

@@ -13,9 +13,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .data import Split
-from .datasets import DATASETS
-from .errors import UserError
+from transfer_study.core.stage import UserError
+from transfer_study.data.catalog import DATASETS
+from transfer_study.data.splits import Split
 
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"

@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from .params import OPTIMIZERS
+from transfer_study.core.config import OPTIMIZERS, MlpParams, uses_features
+from transfer_study.nn.backbones import backbone_spec
 
 
 def optimizer_class(name):
@@ -48,3 +49,25 @@ def build_scheduler(optimizer, train, steps_per_epoch):
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(train, step, steps_per_epoch)
     )
+
+
+def param_groups(name, section, net):
+    """Optimizer groups for layer-wise lr decay: the head at lr, each trainable backbone block
+    below it at lr * lr_decay**depth (depth 1 = the top block). None: one group at lr."""
+    if uses_features(section) or isinstance(section, MlpParams) or section.lr_decay == 1:
+        return None
+    extractor, head = net
+    groups = [{"params": trainable_params(head), "lr_scale": 1.0}]
+    blocks = backbone_spec(name).body_blocks(extractor[1])
+    for depth, block in enumerate(reversed(blocks), start=1):
+        if trainable := trainable_params(block):
+            groups.append({"params": trainable, "lr_scale": section.lr_decay**depth})
+    # Parameters outside the blocks (a ViT's class token) train at the lowest rate.
+    grouped = {id(p) for group in groups for p in group["params"]}
+    if rest := [p for p in trainable_params(extractor) if id(p) not in grouped]:
+        groups.append({"params": rest, "lr_scale": groups[-1]["lr_scale"]})
+    return groups
+
+
+def trainable_params(module):
+    return [p for p in module.parameters() if p.requires_grad]

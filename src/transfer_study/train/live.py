@@ -5,8 +5,8 @@ import sys
 import pytorch_lightning as pl
 from dvclive import Live
 
-from . import layout
-from .atomic import write_json
+from transfer_study.core import paths
+from transfer_study.core.atomic import write_json
 
 LOGGED = {
     "train/loss": "train_loss",
@@ -35,7 +35,7 @@ class LiveProgress(pl.Callback):
             return
         try:
             # dvcyaml=False: dvc.yaml declares this folder itself and must never be rewritten.
-            folder = str(layout.live_dir(self.name))
+            folder = str(paths.live_dir(self.name))
             self.live = Live(folder, dvcyaml=False, save_dvc_exp=False, report=None)
         except Exception as error:  # DVCLive is a view: training goes on without it
             print(f"{self.name}: no live progress ({error})", file=sys.stderr)
@@ -58,16 +58,16 @@ class LiveProgress(pl.Callback):
             self.live.log_metric(key, float(value))
         self.live.next_step()
 
-    def finish(self, best, epochs, seconds):
-        """The run's summary: `best` (a history row) is the kept epoch. Written by this process
+    def finish(self, kept, epochs, seconds):
+        """The run's summary: `kept` (a history row) is the kept epoch. Written by this process
         in every case (ddp_spawn trains in another, and DVCLive may have failed to start)."""
         if self.live is not None:
             self.live.end()
         # Nested as DVCLive nests the "val/loss" it logs live: the same columns in dvc exp show.
         summary = {
-            "step": int(best["epoch"]),  # the kept epoch: its weights are the model's
-            "val": {"loss": float(best["val_loss"]), "acc": float(best["val_acc"])},
+            "step": int(kept["epoch"]),  # the kept epoch: its weights are the model's
+            "val": {"loss": float(kept["val_loss"]), "acc": float(kept["val_acc"])},
             "epochs": int(epochs),
             "train_seconds": round(seconds, 2),
         }
-        write_json(layout.live_summary(self.name), summary)
+        write_json(paths.live_summary(self.name), summary)

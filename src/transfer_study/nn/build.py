@@ -6,19 +6,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import layout
-from .data import channel_stats, load_split
-from .errors import UserError
-from .markers import is_skipped
-from .models import (
+from transfer_study.core import paths
+from transfer_study.core.config import MlpParams, parse_saved_section, uses_features
+from transfer_study.core.markers import is_skipped
+from transfer_study.core.stage import UserError
+from transfer_study.data.splits import channel_stats, load_split
+from transfer_study.nn.backbones import (
     UnreadableTensors,
     backbone_spec,
     feature_extractor,
     load_tensors,
     set_trainable_layers,
 )
-from .nets import Preprocess, mlp
-from .params import MlpParams, parse_saved_section, uses_features
+from transfer_study.nn.layers import Preprocess, mlp
 
 MAX_IMAGE_SIDE = 4096  # pixels; far above the size any dataset here is stored at
 
@@ -61,9 +61,9 @@ def data_stats(train_images):
 
 def load_inputs(name, section, split):
     """(inputs as the model `name` consumes them, the split itself) of a split."""
-    data = load_split(layout.split_file(split))
+    data = load_split(paths.split_file(split))
     if uses_features(section):
-        return np.load(layout.features_file(name, split)), data
+        return np.load(paths.features_file(name, split)), data
     return data.images, data
 
 

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from . import layout
-from .errors import UserError
-from .nets import Preprocess
+from transfer_study.core import paths
+from transfer_study.core.stage import UserError
+from transfer_study.nn.layers import Preprocess
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def load_tensors(path):
 def _load_state(model, path):
     """Load a state_dict file (tensors only: nothing in it can run code) into `model`."""
     try:
-        state = load_tensors(layout.user_path(path))
+        state = load_tensors(paths.user_path(path))
     except UnreadableTensors:
         raise UserError(
             f"weights file {path} is not a state_dict (damaged, truncated, or not a file of "

@@ -1,0 +1,1 @@
+"""Benchmarks and the study timer; no stage imports them."""

@@ -1,0 +1,1 @@
+"""What every stage imports: params, paths, atomic writes, one-line errors, timing, markers."""

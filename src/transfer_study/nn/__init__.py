@@ -1,0 +1,1 @@
+"""Networks: devices, layers, the backbone registry, building and loading trained nets."""

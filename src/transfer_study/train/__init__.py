@@ -1,0 +1,1 @@
+"""Training: the LightningModule, its loaders, optimizers, live progress, fit and resume."""

@@ -1,0 +1,209 @@
+"""The fit loop shared by the MLP, the heads and fine-tuning: model file, history, metrics."""
+
+import dataclasses
+import io
+import json
+import shutil
+import time
+import warnings
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torchvision
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+
+from transfer_study.core import paths
+from transfer_study.core.atomic import atomic_paths, json_text
+from transfer_study.core.config import MlpParams, uses_features
+from transfer_study.core.stage import UserError
+from transfer_study.nn.backbones import UnreadableTensors, count_params, load_tensors
+from transfer_study.nn.build import build_net, data_stats, load_inputs
+from transfer_study.nn.device import enable_fast_cuda
+from transfer_study.train.live import LiveProgress
+from transfer_study.train.loaders import InMemoryData, data_device, trains_on_gpu
+from transfer_study.train.module import Classifier
+from transfer_study.train.optim import param_groups
+from transfer_study.train.resume import checkpoint_folder, epoch_history, run_key_of
+
+# Tensors already in memory need no loader workers; Lightning's hint says otherwise.
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+# InMemoryData moves nothing itself; the module's on_after_batch_transfer is meant to run.
+warnings.filterwarnings("ignore", ".*overridden `on_after_batch_transfer`.*")
+# The checkpoint folder holds our run_key file before Lightning writes there.
+warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
+
+
+def _flipped_features(name):
+    path = paths.features_file(name, paths.FLIPPED_TRAIN)
+    if not path.exists():
+        raise UserError(
+            f"{name}.train.hflip is true but {path} is missing: set the shared train.hflip: true "
+            f"so that featurize_{name} caches the mirrored train images' features"
+        )
+    return np.load(path)
+
+
+def resolve_precision(train):
+    if train.precision != "auto":
+        return train.precision
+    return "bf16-mixed" if trains_on_gpu(train) and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def check_accelerator(train):
+    if train.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(
+            "train.accelerator = gpu, but no CUDA device is visible; set it to auto or cpu"
+        )
+
+
+def train_model(name, params, callbacks=()):
+    """Fit model `name`; write its model file, metrics and history. Returns the metrics.
+
+    Checkpoints go to checkpoints/<name> while it trains; with train.resume, a run of the same
+    configuration on the same inputs that was interrupted continues from its last epoch.
+    `callbacks`: extra Lightning callbacks.
+    """
+    section = params.model(name)
+    train = section.train
+    check_accelerator(train)
+    enable_fast_cuda()
+    pl.seed_everything(params.seed, workers=True)
+    train_x, train_data = load_inputs(name, section, "train")
+    val_x, val_data = load_inputs(name, section, "val")
+    train_y, val_y, classes = train_data.labels, val_data.labels, train_data.classes
+    if train.batch_size > len(train_y):
+        raise UserError(
+            f"{name}.train.batch_size = {train.batch_size} is larger than the train split "
+            f"({len(train_y)} images); lower it or raise data.train_size"
+        )
+    features = uses_features(section)
+    feature_meta = json.loads(paths.features_meta(name).read_text()) if features else {}
+    stats = data_stats(train_data.images)
+    net = build_net(name, section, len(classes), stats, feature_meta.get("feature_dim"))
+    if not features and not isinstance(section, MlpParams):
+        # A backbone fine-tuned from pixels: convolutions in NHWC, the layout GPU tensor cores
+        # (and oneDNN on CPUs) run fastest; its 2-D weights and the saved values are unchanged.
+        net = net.to(memory_format=torch.channels_last)
+    if train.compile:
+        net.compile()  # in place: the state_dict keeps its keys; compiles at the first batch
+    groups = param_groups(name, section, net)
+    module = Classifier(net, train, len(classes), pixels=not features, param_groups=groups)
+    train_split = (train_x, train_y)
+    if features and train.hflip:
+        train_split += (_flipped_features(name),)
+    device = data_device(train, sum(x.nbytes for x in (*train_split, val_x)))
+    pin = device is None and trains_on_gpu(train)  # host tensors bound for a GPU
+    data = InMemoryData(train_split, (val_x, val_y), train.batch_size, params.seed, pin, device)
+
+    run_key = run_key_of(section, params.seed, (*train_split, val_x, val_y))
+    checkpoints, resume_from = checkpoint_folder(name, run_key, train.resume)
+    logs = sorted(checkpoints.glob("logs/version_*/metrics.csv"))
+    live = LiveProgress(name, epoch_history(logs) if resume_from and logs else None)
+    trainer, best = _trainer(train, checkpoints, [live, *callbacks])
+    started = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    except SystemExit:
+        # Lightning turns Ctrl+C (and SIGTERM, which the stage maps to it) into sys.exit(1):
+        # an interruption is one, for the stage's exit status 130 and its one line.
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    seconds = time.perf_counter() - started
+    if not trainer.is_global_zero:  # rank 0 writes the outputs
+        return None
+    history = epoch_history(sorted(checkpoints.glob("logs/version_*/metrics.csv")))
+    if history["val_loss"].isna().all():
+        raise UserError(f"{name}: val_loss was never finite; lower {name}.train.lr")
+    try:
+        state = load_tensors(best.best_model_path)
+    except UnreadableTensors as error:
+        raise UserError(f"{name}: its best checkpoint {best.best_model_path}: {error}") from None
+    module.load_state_dict(state["state_dict"])
+
+    config = {
+        "name": name,
+        "section": dataclasses.asdict(section),
+        "classes": list(classes),
+        "data": stats,
+        "feature_dim": feature_meta.get("feature_dim"),
+        "seed": params.seed,
+    }
+    kept = history.loc[history["val_loss"].idxmin()]  # the epoch ModelCheckpoint kept
+    metrics = {
+        "kept_val_loss": float(kept["val_loss"]),
+        "kept_val_accuracy": float(kept["val_acc"]),
+        "kept_epoch": int(kept["epoch"]),
+        "epochs": len(history),
+        "train_seconds": round(seconds, 2),
+        "resumed": resume_from is not None,
+        "trainable_params": count_params(net, trainable_only=True),
+        "total_params": count_params(net) + feature_meta.get("backbone_params", 0),
+        "lr": train.lr,
+        "optimizer": train.optimizer,
+        "batch_size": train.batch_size,
+        "precision": resolve_precision(train),
+        "device": _device_name(trainer),
+        "versions": {
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "lightning": pl.__version__,
+        },
+    }
+    _write_outputs(name, module.net, config, history, metrics)
+    live.finish(kept, len(history), seconds)
+    shutil.rmtree(checkpoints)  # finished: nothing left to resume
+    return metrics
+
+
+def _trainer(train, checkpoints, callbacks):
+    """(Lightning Trainer, its ModelCheckpoint): early stopping and the kept epoch on val loss."""
+    # Saved at the end of each epoch, so that a resumed run starts the next epoch (a checkpoint
+    # saved at validation end would make it replay the epoch).
+    best = ModelCheckpoint(
+        dirpath=checkpoints,
+        monitor="val/loss",
+        mode="min",
+        save_last=True,
+        save_on_train_epoch_end=True,
+    )
+    stop = EarlyStopping(
+        monitor="val/loss", mode="min", patience=train.patience, min_delta=train.min_delta
+    )
+    trainer = pl.Trainer(
+        max_epochs=train.max_epochs,
+        accelerator=train.accelerator,
+        devices=train.devices,
+        num_nodes=train.num_nodes,
+        strategy=train.strategy,
+        use_distributed_sampler=False,  # InMemoryData shards by rank itself
+        precision=resolve_precision(train),
+        deterministic=train.deterministic,
+        callbacks=[best, stop, *callbacks],
+        # One log folder per attempt: Lightning's CSV logger empties its folder when it starts.
+        logger=CSVLogger(checkpoints, name="logs"),
+        default_root_dir=checkpoints,
+        enable_model_summary=False,
+        log_every_n_steps=1,  # metrics are logged per epoch; this only silences a hint
+    )
+    return trainer, best
+
+
+def _write_outputs(name, net, config, history, metrics):
+    """Model, history and metrics as one set: every file is written before any is renamed into
+    place. torch.save goes through memory first: writing to a full disk then raises an OSError
+    (one line), not the C++ stream error torch.save to a file would."""
+    model_bytes = io.BytesIO()
+    torch.save({"state_dict": net.state_dict(), "config": config}, model_bytes)
+    outputs = (paths.model_file(name), paths.history_file(name), paths.train_metrics(name))
+    with atomic_paths(*outputs) as (model_tmp, history_tmp, metrics_tmp):
+        model_tmp.write_bytes(model_bytes.getvalue())
+        history.to_csv(history_tmp, index=False)
+        metrics_tmp.write_text(json_text(metrics))
+
+
+def _device_name(trainer):
+    device = trainer.strategy.root_device
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

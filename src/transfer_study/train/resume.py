@@ -1,0 +1,80 @@
+"""Checkpoints of an unfinished run: its fingerprint, whether to resume, the epoch history."""
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+
+import numpy as np
+import pandas as pd
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+from transfer_study.core import paths
+from transfer_study.nn.backbones import UnreadableTensors, load_tensors
+
+
+def run_key_of(section, seed, arrays):
+    """Fingerprint of everything a run's result depends on, but train.resume itself."""
+    config = dataclasses.asdict(section)
+    config["train"].pop("resume")
+    digest = hashlib.sha256(json.dumps([config, seed], sort_keys=True).encode())
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
+def checkpoint_folder(name, run_key, resume):
+    """(checkpoint folder, checkpoint to resume from or None). A fresh run empties the folder."""
+    folder = paths.checkpoint_dir(name)
+    key_file, last = folder / "run_key", folder / "last.ckpt"
+    same_run = resume and last.is_file() and _read_key(key_file) == run_key
+    if same_run and _resumable(last):
+        print(f"{name}: resuming from {last}", file=sys.stderr)
+        return folder, str(last)
+    if rank_zero_only.rank != 0:
+        # A DDP process that Lightning started: the launching process (rank 0) has prepared the
+        # folder already, and emptying it now would delete what rank 0 writes there.
+        return folder, None
+    if same_run:
+        print(f"{name}: {last} is damaged or not a checkpoint; starting over", file=sys.stderr)
+    elif resume and last.exists():
+        print(f"{name}: {last} is from another configuration; starting over", file=sys.stderr)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    key_file.write_text(run_key)
+    return folder, None
+
+
+def _read_key(path):
+    """The run key saved beside a checkpoint (64 hex digits; at most 100 bytes are read)."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(100).decode("ascii", errors="replace")
+    except OSError:
+        return None
+
+
+def _resumable(path):
+    """Whether a checkpoint loads whole as tensors and plain data (weights_only: nothing in a
+    tampered file runs) and holds what a resumed run needs."""
+    try:
+        state = load_tensors(path)
+    except UnreadableTensors:  # damaged, truncated or tampered
+        return False
+    return isinstance(state, dict) and {"state_dict", "rng_state", "loops"} <= state.keys()
+
+
+def epoch_history(csv_paths):
+    """Lightning's CSV logs (train and val rows apart; one file per attempt, a resumed run's
+    last) -> one row per epoch, 1-based."""
+    log = pd.concat([pd.read_csv(path) for path in csv_paths], ignore_index=True)
+    columns = {
+        "train/loss": "train_loss",
+        "train/acc": "train_acc",
+        "val/loss": "val_loss",
+        "val/acc": "val_acc",
+    }
+    history = log.groupby("epoch")[list(columns)].last().rename(columns=columns).reset_index()
+    history["epoch"] += 1
+    return history
