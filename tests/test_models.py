@@ -7,7 +7,8 @@ from conftest import REPO, RunsCode
 from torch import nn
 from torchvision import models as tvm
 
-from transfer_study.core.config import ACTIVATIONS, deep_merge, parse_params
+from transfer_study.core.checks import ACTIVATIONS
+from transfer_study.core.config import deep_merge, parse_params
 from transfer_study.core.stage import UserError
 from transfer_study.featurize import prepare_extractor
 from transfer_study.nn.backbones import BACKBONES, backbone_spec, count_params, feature_extractor

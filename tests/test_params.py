@@ -7,7 +7,8 @@ import pytest
 import yaml
 from conftest import REPO
 
-from transfer_study.core.config import ParamsError, load_params
+from transfer_study.core.checks import ParamsError
+from transfer_study.core.config import load_params
 
 PARAMS = f"{REPO}/params.yaml"
 

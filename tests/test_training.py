@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from conftest import REPO, TRAIN_KEYS, tiny_overrides, write_params
 
 from transfer_study.core import paths
-from transfer_study.core.config import OPTIMIZERS, deep_merge, load_params
+from transfer_study.core.checks import OPTIMIZERS
+from transfer_study.core.config import deep_merge, load_params
 from transfer_study.core.stage import UserError
 from transfer_study.data.splits import load_split
 from transfer_study.evaluate import evaluate_models, predict_logits

@@ -1,10 +1,11 @@
-"""Optimizers and learning-rate schedules, built from TrainParams (names: params.OPTIMIZERS)."""
+"""Optimizers, learning-rate schedules and layer-wise lr groups, built from TrainParams."""
 
 import math
 
 import torch
 
-from transfer_study.core.config import OPTIMIZERS, MlpParams, uses_features
+from transfer_study.core.checks import OPTIMIZERS
+from transfer_study.core.config import MlpParams, uses_features
 from transfer_study.nn.backbones import backbone_spec
 
 
