@@ -226,7 +226,7 @@ def test_featurize_halves_the_batch_on_out_of_memory(tmp_path, capsys):
 
 
 def test_loader_shards_by_rank_and_reshuffles_by_epoch():
-    from transfer_study.train.fit import make_loader
+    from transfer_study.train.loaders import make_loader
 
     inputs, labels = torch.arange(20).float()[:, None], torch.arange(20)
 
@@ -289,7 +289,7 @@ def test_featurize_caches_mirrored_train_features(workdir, archive):
 
 
 def test_hflip_on_features_picks_plain_or_mirrored_per_sample():
-    from transfer_study.train.fit import make_loader
+    from transfer_study.train.loaders import make_loader
 
     plain, mirrored = torch.zeros(64, 3), torch.ones(64, 3)
     loader = make_loader(plain, torch.arange(64), 64, shuffle=False, flipped=mirrored)

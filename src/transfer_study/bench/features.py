@@ -28,7 +28,7 @@ from transfer_study.nn.backbones import backbone_spec, feature_extractor
 from transfer_study.nn.device import default_device, enable_fast_cuda, featurize_dtype
 from transfer_study.nn.layers import Preprocess, mlp
 from transfer_study.split import read_cifar10
-from transfer_study.train.fit import make_loader
+from transfer_study.train.loaders import make_loader
 
 EPOCHS = 6  # the studies' VGG16 run: six epochs
 HEAD = ((128, 64), "leaky_relu", 0.3)  # params.yaml's default head
