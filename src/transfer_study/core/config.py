@@ -51,8 +51,8 @@ class TrainParams:
     num_nodes: int
     strategy: str
     precision: str
-    compile: bool  # torch.compile the network (measured: see README, Performance)
-    deterministic: bool  # deterministic algorithms only (CUDA: slower; see README)
+    compile: bool  # torch.compile the network (measured: docs/performance.md)
+    deterministic: bool  # deterministic algorithms only (CUDA: slower; docs/guarantees-and-tests.md)
     resume: bool  # continue an interrupted run of the same configuration from its checkpoint
 
 
