@@ -1,5 +1,5 @@
-"""README "Full CIFAR-10": each command is given verbatim, and each of its params reaches the
-network, the optimizer, the schedule, the trainer or evaluate."""
+"""docs/results.md "Full CIFAR-10": each command is given verbatim, and each of its params
+reaches the network, the optimizer, the schedule, the trainer or evaluate."""
 
 import re
 from types import SimpleNamespace
@@ -47,8 +47,8 @@ COMMANDS = {
 
 
 def section():
-    readme = open(f"{REPO}/README.md").read()
-    return re.sub(r"\s*\\\n\s*", " ", readme.split("## Full CIFAR-10")[1].split("\n## ")[0])
+    results = open(f"{REPO}/docs/results.md").read()
+    return re.sub(r"\s*\\\n\s*", " ", results.split("## Full CIFAR-10")[1].split("\n## ")[0])
 
 
 def params(name):
@@ -57,7 +57,7 @@ def params(name):
     return load_params(f"{REPO}/params.yaml", overrides[0])
 
 
-def test_readme_gives_the_data_flags_and_every_command_verbatim():
+def test_results_doc_gives_the_data_flags_and_every_command_verbatim():
     text = section()
     assert f'FULL="{FULL}"' in text
     for name, command in COMMANDS.items():

@@ -1,5 +1,5 @@
-"""Each row of README "Reproducing the original studies" is one command, and each param of it
-reaches the network, the optimizer or the trainer."""
+"""Each row of docs/results.md "Reproducing the original studies" is one command, and each
+param of it reaches the network, the optimizer or the trainer."""
 
 import re
 import shlex
@@ -23,7 +23,7 @@ ONLY_RESNET50 = (
     "-S 'models={mlp: false, vgg16: false, inception: false, lite0: false, resnet50: true}'"
 )
 ONLY_LITE0 = "-S 'models={mlp: false, vgg16: false, inception: false}'"
-# The commands as the README gives them (the test below checks that it does, verbatim).
+# The commands as docs/results.md gives them (the test below checks that it does, verbatim).
 STUDIES = {
     "mlp64": f"dvc exp run {ONLY_MLP} -S mlp.image_size=64 -S 'mlp.hidden=[256,128]' "
     "-S mlp.activation=relu -S mlp.dropout=0 -S ++mlp.train.lr=1e-5 -S ++mlp.train.max_epochs=12 "
@@ -81,9 +81,9 @@ def linear_widths(net):
 STATS = {"shape": [3, 32, 32], "mean": (0.5,) * 3, "std": (0.25,) * 3}
 
 
-def test_readme_gives_every_command_verbatim():
-    readme = open(f"{REPO}/README.md").read()
-    section = readme.split("## Reproducing the original studies")[1].split("\n## ")[0]
+def test_results_doc_gives_every_command_verbatim():
+    results = open(f"{REPO}/docs/results.md").read()
+    section = results.split("## Reproducing the original studies")[1].split("\n## ")[0]
     flat = re.sub(r"\s*\\\n\s*", " ", section)
     for name, command in STUDIES.items():
         assert command in flat, name
