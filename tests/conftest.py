@@ -1,16 +1,21 @@
-"""Shared fixtures: fake CIFAR-10 archives written the official way, and tiny params."""
+"""Shared fixtures: fake CIFAR-10 archives written the official way, tiny params, and one tiny
+study trained once per session for the tests that only read its results."""
 
+import copy
+import dataclasses
 import io
 import os
 import pickle
+import shutil
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
 from transfer_study.core import paths
-from transfer_study.core.config import deep_merge
+from transfer_study.core.config import deep_merge, load_params
 from transfer_study.data.splits import make_splits, save_split
 from transfer_study.split import read_cifar10
 
@@ -115,6 +120,11 @@ def tiny_overrides(archive):
     }
 
 
+def params(archive, **overrides):
+    """Loaded params: the repository's params.yaml, tiny_overrides(archive), then `overrides`."""
+    return load_params(f"{REPO}/params.yaml", deep_merge(tiny_overrides(archive), overrides))
+
+
 def only(*names):
     """The `models` switches of params.yaml with just `names` in the study."""
     with open(os.path.join(REPO, "params.yaml")) as file:
@@ -143,3 +153,64 @@ def workdir(archive, tmp_path, monkeypatch):
     for name, split in make_splits(train, test, 0.2, seed=0).items():
         save_split(split, paths.split_file(name))
     return tmp_path
+
+
+# The session's study, on top of tiny_overrides: the MLP and VGG16 (random weights, 32 px) in
+# it, the MLP trained for 4 epochs (enough to learn the fake classes well), VGG16's head for 2.
+STUDY = {"models": only("mlp", "vgg16"), "mlp": {"train": {"max_epochs": 4, "patience": 4}}}
+
+
+def run_study(folder, archive):
+    """The tiny study, in `folder`, as its stages would run it: the split (seeded, capped at
+    data.train_size and data.test_size: 120 train / 30 val / 50 test images), VGG16's features
+    of every split and of the mirrored train and test images, the MLP and VGG16's head trained,
+    both evaluated. Returns (params, {model: the metrics train_model returned})."""
+    from transfer_study.evaluate import evaluate_models
+    from transfer_study.featurize import featurize_model
+    from transfer_study.train.fit import train_model
+
+    p = params(archive, **STUDY)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        train, test = read_cifar10(archive)
+        data = p.data
+        splits = make_splits(
+            train, test, data.val_fraction, p.seed, data.train_size, data.test_size
+        )
+        for name, split in splits.items():
+            save_split(split, paths.split_file(name))
+        featurize_model("vgg16", p.model("vgg16"), hflip=True)
+        metrics = {name: train_model(name, p) for name in p.models}
+        evaluate_models(p.models)
+    return p, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    root: Path  # the project folder holding the study's outputs
+    archive: Path  # the fake CIFAR-10 archive it was split from
+    params: object  # the params it ran with
+    metrics: dict  # model -> what train_model returned
+
+    def params_with(self, **overrides):
+        """The study's params with nested `overrides`."""
+        return params(self.archive, **deep_merge(STUDY, overrides))
+
+
+@pytest.fixture(scope="session")
+def trained_study(tmp_path_factory):
+    """The tiny study, run once per session. Read it only: tests that write take `study`."""
+    archive = write_cifar_archive(tmp_path_factory.mktemp("study_archive") / "cifar.tar.gz")
+    root = tmp_path_factory.mktemp("study")
+    p, metrics = run_study(root, archive)
+    return Study(root, archive, p, metrics)
+
+
+@pytest.fixture
+def study(trained_study, tmp_path, monkeypatch):
+    """A copy of the session's tiny study in tmp_path, the working folder: free to change."""
+    shutil.copytree(trained_study.root, tmp_path, dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    return dataclasses.replace(
+        trained_study, root=tmp_path, metrics=copy.deepcopy(trained_study.metrics)
+    )

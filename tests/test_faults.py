@@ -14,42 +14,20 @@ import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import REPO, RunsCode, only, tiny_overrides, write_params
+from conftest import REPO, RunsCode, params, run_study, tiny_overrides, write_params
 
 from transfer_study.core import paths
-from transfer_study.core.config import deep_merge, load_params
+from transfer_study.core.config import deep_merge
 from transfer_study.core.stage import exit_on_user_error
-from transfer_study.data.splits import load_split, make_splits, save_split
-from transfer_study.evaluate import evaluate_models
-from transfer_study.featurize import featurize, featurize_model
-from transfer_study.split import read_cifar10
+from transfer_study.data.splits import load_split
+from transfer_study.featurize import featurize
 from transfer_study.train.fit import train_model
 
 
-def params(archive, **overrides):
-    return load_params(f"{REPO}/params.yaml", deep_merge(tiny_overrides(archive), overrides))
-
-
-def run_study(folder, archive, monkeypatch):
-    """split, featurize vgg16, train mlp and vgg16, evaluate: in a fresh folder."""
-    monkeypatch.chdir(folder)
-    p = params(archive, models=only("mlp", "vgg16"))
-    train, test = read_cifar10(archive)
-    data = p.data
-    splits = make_splits(train, test, data.val_fraction, p.seed, data.train_size, data.test_size)
-    for name, split in splits.items():
-        save_split(split, paths.split_file(name))
-    featurize_model("vgg16", p.model("vgg16"))
-    for name in p.models:
-        train_model(name, p)
-    evaluate_models(p.models)
-
-
-def test_same_params_same_bytes_on_the_cpu(archive, tmp_path, monkeypatch):
-    first, second = tmp_path / "first", tmp_path / "second"
-    for folder in (first, second):
-        folder.mkdir()
-        run_study(folder, archive, monkeypatch)
+def test_same_params_same_bytes_on_the_cpu(trained_study, tmp_path):
+    # split, featurize vgg16, train mlp and vgg16, evaluate: the session's run, then this one.
+    first, second = trained_study.root, tmp_path
+    run_study(second, trained_study.archive)
     for split in ("train", "val", "test"):
         a, b = (load_split(f / paths.split_file(split)) for f in (first, second))
         np.testing.assert_array_equal(a.labels, b.labels)

@@ -5,29 +5,24 @@ import io
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, REPO, RunsCode, tiny_overrides
+from conftest import CLASSES, REPO, RunsCode
 from PIL import Image
 
 from transfer_study.core import paths
-from transfer_study.core.config import deep_merge, load_params
 from transfer_study.core.markers import skip_training
 from transfer_study.core.stage import UserError
 from transfer_study.data.splits import load_split
 from transfer_study.evaluate import predict_logits
-from transfer_study.featurize import featurize_model
 from transfer_study.nn.build import load_trained
 from transfer_study.predict import predict_files
-from transfer_study.train.fit import train_model
-
-
-def params(archive, **overrides):
-    return load_params(f"{REPO}/params.yaml", deep_merge(tiny_overrides(archive), overrides))
 
 
 def save_test_images(folder, count=3):
@@ -40,9 +35,8 @@ def save_test_images(folder, count=3):
     return image_paths, test
 
 
-def test_cli_prints_the_top_three_classes(workdir, archive):
-    train_model("mlp", params(archive, train={"max_epochs": 4, "patience": 4}))
-    image_paths, test = save_test_images(workdir)
+def test_cli_prints_the_top_three_classes(study):
+    image_paths, test = save_test_images(study.root)  # the study's MLP trained 4 epochs
     result = subprocess.run(
         [
             sys.executable,
@@ -53,7 +47,7 @@ def test_cli_prints_the_top_three_classes(workdir, archive):
             "mlp",
             *map(str, image_paths),
         ],
-        cwd=workdir,
+        cwd=study.root,
         env={**os.environ, "PYTHONPATH": f"{REPO}/src"},
         capture_output=True,
         text=True,
@@ -72,11 +66,8 @@ def test_cli_prints_the_top_three_classes(workdir, archive):
     assert probabilities[0] == pytest.approx(float(expected.max()), abs=1e-3)
 
 
-def test_frozen_backbone_predicts_through_its_extractor(workdir, archive):
-    p = params(archive)
-    featurize_model("vgg16", p.model("vgg16"))
-    train_model("vgg16", p)
-    image_paths, test = save_test_images(workdir, count=2)
+def test_frozen_backbone_predicts_through_its_extractor(study):
+    image_paths, test = save_test_images(study.root, count=2)  # VGG16: featurized, trained
     results = list(predict_files("vgg16", image_paths, top=3))
     assert [path for path, _, _ in results] == image_paths
     net, _, _ = load_trained(paths.model_file("vgg16"))
@@ -104,15 +95,14 @@ def predict_cli(workdir, *args):
     )
 
 
-def test_a_folder_with_a_bad_file_classifies_the_rest_and_fails(workdir, archive):
-    train_model("mlp", params(archive, train={"max_epochs": 1}))
-    folder = workdir / "images"
+def test_a_folder_with_a_bad_file_classifies_the_rest_and_fails(study):
+    folder = study.root / "images"
     (folder / "more").mkdir(parents=True)
     image_paths, _ = save_test_images(folder, count=3)
     image_paths[2].rename(folder / "more" / "deep.png")  # folders are walked recursively
     (folder / "broken.jpg").write_bytes(b"not an image")
     (folder / "notes.txt").write_text("not an image file name: left alone")
-    result = predict_cli(workdir, "--model", "mlp", "--format", "csv", folder, "missing.png")
+    result = predict_cli(study.root, "--model", "mlp", "--format", "csv", folder, "missing.png")
     assert result.returncode == 1
     errors = result.stderr.strip().splitlines()
     assert errors[0] == "error: missing.png: no such file or folder"
@@ -127,10 +117,11 @@ def test_a_folder_with_a_bad_file_classifies_the_rest_and_fails(workdir, archive
         assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.001
 
 
-def test_json_lines_and_batches_match_one_image_at_a_time(workdir, archive):
-    train_model("mlp", params(archive, train={"max_epochs": 1}))
-    image_paths, _ = save_test_images(workdir, count=5)
-    result = predict_cli(workdir, "--model", "mlp", "--format", "json", "--top", "2", *image_paths)
+def test_json_lines_and_batches_match_one_image_at_a_time(study):
+    image_paths, _ = save_test_images(study.root, count=5)
+    result = predict_cli(
+        study.root, "--model", "mlp", "--format", "json", "--top", "2", *image_paths
+    )
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["path"] for line in lines] == [str(p) for p in image_paths]
@@ -144,61 +135,90 @@ def test_json_lines_and_batches_match_one_image_at_a_time(workdir, archive):
         assert [p for _, p in alone] == pytest.approx([p for _, p in together], abs=1e-5)
 
 
-def damaged_model_files(path, sentinel):
-    """(what, bytes) of model files that must be refused: tampered, truncated, wrong shape."""
-    good = path.read_bytes()
-    yield "tampered", lambda: torch.save({"state_dict": RunsCode(sentinel), "config": {}}, path)
-    yield "plain pickle", lambda: path.write_bytes(pickle.dumps(RunsCode(sentinel)))
-    yield "truncated", lambda: path.write_bytes(good[: len(good) // 2])
-    yield "empty", lambda: path.write_bytes(b"")
+def _tampered(path, sentinel, good):
+    torch.save({"state_dict": RunsCode(sentinel), "config": {}}, path)
 
-    def wrong_shape():
+
+def _plain_pickle(path, sentinel, good):
+    path.write_bytes(pickle.dumps(RunsCode(sentinel)))
+
+
+def _truncated(path, sentinel, good):
+    path.write_bytes(good[: len(good) // 2])
+
+
+def _empty(path, sentinel, good):
+    path.write_bytes(b"")
+
+
+def _changed(edit):
+    """A damage that saves the good file with `edit` applied to what it holds."""
+
+    def damage(path, sentinel, good):
         saved = torch.load(io.BytesIO(good), weights_only=True)
-        saved["config"]["section"]["hidden"] = [10**9, 10**9]  # would need exabytes if built
+        edit(saved)
         torch.save(saved, path)
 
-    yield "wrong shape", wrong_shape
+    return damage
 
-    def huge_images():
-        saved = torch.load(io.BytesIO(good), weights_only=True)
-        saved["config"]["data"]["shape"] = [3, 100_000, 100_000]  # predict would read at this
-        torch.save(saved, path)
 
-    yield "huge input shape", huge_images
+def _wrong_shape(saved):
+    saved["config"]["section"]["hidden"] = [10**9, 10**9]  # would need exabytes if built
 
-    def odd_statistics():
-        saved = torch.load(io.BytesIO(good), weights_only=True)
-        saved["config"]["data"]["mean"] = [0.5] * 5  # five channels' means for RGB images
-        torch.save(saved, path)
 
-    yield "odd statistics", odd_statistics
+def _huge_images(saved):
+    saved["config"]["data"]["shape"] = [3, 100_000, 100_000]  # predict would read at this
 
-    def renamed():
-        saved = torch.load(io.BytesIO(good), weights_only=True)
-        saved["config"]["name"] = "lite0"
-        torch.save(saved, path)
 
-    yield "another model's", renamed
+def _odd_statistics(saved):
+    saved["config"]["data"]["mean"] = [0.5] * 5  # five channels' means for RGB images
+
+
+def _renamed(saved):
+    saved["config"]["name"] = "lite0"
+
+
+# What, and how, model files that must be refused are damaged: tampered, truncated, wrong shape.
+DAMAGES = {
+    "tampered": _tampered,
+    "plain pickle": _plain_pickle,
+    "truncated": _truncated,
+    "empty": _empty,
+    "wrong shape": _changed(_wrong_shape),
+    "huge input shape": _changed(_huge_images),
+    "odd statistics": _changed(_odd_statistics),
+    "another model's": _changed(_renamed),
+}
 
 
 @pytest.mark.parametrize("command", ["predict", "evaluate"])
-def test_a_damaged_model_file_gets_one_line_and_runs_nothing(workdir, archive, command):
-    train_model("mlp", params(archive, train={"max_epochs": 1}))
-    image_paths, _ = save_test_images(workdir, count=1)
-    model, sentinel = paths.model_file("mlp"), workdir / "sentinel"
-    (workdir / "params.yaml").write_text(open(f"{REPO}/params.yaml").read())
-    for what, damage in damaged_model_files(model, sentinel):
-        damage()
+def test_a_damaged_model_file_gets_one_line_and_runs_nothing(study, command):
+    image_paths, _ = save_test_images(study.root, count=1)
+    good = paths.model_file("mlp").read_bytes()
+
+    def run_on(what):
+        """The command in a project of its own whose models/mlp.pt is damaged by `what`."""
+        project = study.root / "damaged" / str(list(DAMAGES).index(what))
+        shutil.copytree(study.root / paths.SPLIT_DIR, project / paths.SPLIT_DIR)
+        (project / "params.yaml").write_text(open(f"{REPO}/params.yaml").read())
+        model, sentinel = project / paths.model_file("mlp"), project / "sentinel"
+        model.parent.mkdir()
+        DAMAGES[what](model, sentinel, good)
         if command == "predict":
-            result = predict_cli(workdir, "--model", "mlp", *image_paths)
+            result = predict_cli(project, "--model", "mlp", *image_paths)
         else:
             result = subprocess.run(
                 [sys.executable, f"{REPO}/stages/evaluate.py"],
-                cwd=workdir,
+                cwd=project,
                 env={**os.environ, "PYTHONPATH": f"{REPO}/src"},
                 capture_output=True,
                 text=True,
             )
+        return result, sentinel
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two processes at a time: one per core
+        results = dict(zip(DAMAGES, pool.map(run_on, DAMAGES)))
+    for what, (result, sentinel) in results.items():
         assert result.returncode == 2, (what, result.stderr[-2000:])
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1, (what, lines)
@@ -208,11 +228,10 @@ def test_a_damaged_model_file_gets_one_line_and_runs_nothing(workdir, archive, c
         assert not sentinel.exists(), what
 
 
-def test_many_images_get_a_progress_bar_on_stderr(workdir, archive, monkeypatch, capsys):
+def test_many_images_get_a_progress_bar_on_stderr(study, monkeypatch, capsys):
     from transfer_study import __main__ as cli
 
-    train_model("mlp", params(archive, train={"max_epochs": 1}))
-    image_paths, _ = save_test_images(workdir, count=3)
+    image_paths, _ = save_test_images(study.root, count=3)
     capsys.readouterr()
     cli.main(["predict", "--model", "mlp", "--format", "json", *map(str, image_paths)])
     assert "img" not in capsys.readouterr().err  # a few images: no bar

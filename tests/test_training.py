@@ -11,28 +11,25 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, TRAIN_KEYS, tiny_overrides, write_params
+from conftest import REPO, TRAIN_KEYS, params, tiny_overrides, write_params
 
 from transfer_study.core import paths
 from transfer_study.core.checks import OPTIMIZERS
-from transfer_study.core.config import deep_merge, load_params
+from transfer_study.core.config import deep_merge
 from transfer_study.core.stage import UserError
-from transfer_study.data.splits import load_split
+from transfer_study.data.splits import load_split, make_splits, save_split
 from transfer_study.evaluate import evaluate_models, predict_logits
-from transfer_study.featurize import featurize_model
 from transfer_study.nn.build import build_net, load_trained
+from transfer_study.split import read_cifar10
 from transfer_study.train.fit import Classifier, train_model
 from transfer_study.train.optim import optimizer_class
 
 STATS = {"shape": [3, 32, 32], "mean": (0.5,) * 3, "std": (0.25,) * 3}  # what build_net needs
 
 
-def params(archive, **overrides):
-    return load_params(f"{REPO}/params.yaml", deep_merge(tiny_overrides(archive), overrides))
-
-
-def test_mlp_learns_and_writes_its_outputs(workdir, archive):
-    metrics = train_model("mlp", params(archive, train={"max_epochs": 4, "patience": 4}))
+def test_mlp_learns_and_writes_its_outputs(study):
+    metrics = study.metrics["mlp"]  # what train_model returned, 4 epochs with patience 4
+    assert study.params.model("mlp").train.max_epochs == 4
     assert TRAIN_KEYS <= metrics.keys()
     assert metrics["epochs"] == 4 and metrics["kept_val_accuracy"] > 0.5  # chance is 0.1
     assert json.loads(paths.train_metrics("mlp").read_text()) == metrics
@@ -54,16 +51,14 @@ def test_divergence_is_reported(workdir, archive):
         train_model("mlp", params(archive, train={"lr": 1e6, "optimizer": "sgd"}))
 
 
-def test_saved_model_reproduces_the_trained_network(workdir, archive):
-    train_model("mlp", params(archive))
+def test_saved_model_reproduces_the_trained_network(study):
     net, section, config = load_trained(paths.model_file("mlp"))
     assert config["section"]["train"]["lr"] == 0.001 and section.hidden == (256, 64)
     saved = torch.load(paths.model_file("mlp"), weights_only=True)
     assert set(saved["state_dict"]) == set(net.state_dict())
 
 
-def test_model_saved_before_the_newer_keys_still_loads(workdir, archive):
-    train_model("mlp", params(archive))
+def test_model_saved_before_the_newer_keys_still_loads(study):
     path = paths.model_file("mlp")
     saved = torch.load(path, weights_only=True)
     section = saved["config"]["section"]
@@ -77,14 +72,13 @@ def test_model_saved_before_the_newer_keys_still_loads(workdir, archive):
     assert set(net.state_dict()) == set(saved["state_dict"])
 
 
-def test_frozen_backbone_featurize_train_evaluate(workdir, archive):
-    p = params(archive)
-    featurize_model("vgg16", p.model("vgg16"))
+def test_frozen_backbone_featurize_train_evaluate(study):
+    # The study featurized VGG16's train split (120 images) and trained its head and the MLP.
     features = np.load(paths.features_file("vgg16", "train"))
-    assert features.shape == (160, 25088) and features.dtype == np.float16
-    metrics = train_model("vgg16", p)
+    assert len(load_split(paths.split_file("train")).labels) == 120
+    assert features.shape == (120, 25088) and features.dtype == np.float16
+    metrics = study.metrics["vgg16"]
     assert metrics["trainable_params"] < metrics["total_params"]
-    train_model("mlp", p)
     results = evaluate_models(["mlp", "vgg16"])
     assert set(results) == {"mlp", "vgg16"}
     for name in results:
@@ -193,10 +187,15 @@ def test_gpu_asked_without_gpu(workdir, archive):
 
 
 @pytest.mark.parametrize(("name", "size"), [("vgg16", 32), ("inception", 75)])
-def test_fine_tuning_trains_the_whole_network(workdir, archive, name, size):
+def test_fine_tuning_trains_the_whole_network(archive, tmp_path, monkeypatch, name, size):
+    # The smallest split with every class in each part: a whole backbone passes over 50 images.
+    monkeypatch.chdir(tmp_path)
+    train, test = read_cifar10(archive)
+    for split_name, split in make_splits(train, test, 0.2, 0, 50, 10).items():
+        save_split(split, paths.split_file(split_name))
     p = params(
         archive,
-        train={"max_epochs": 1, "batch_size": 64},
+        train={"max_epochs": 1, "batch_size": 20},
         **{name: {"trainable_layers": "all", "image_size": size}},
     )
     metrics = train_model(name, p)
@@ -263,29 +262,28 @@ def test_ddp_with_two_cpu_processes(workdir, archive, strategy):
     assert summary["epochs"] == 2 and summary["step"] == metrics["kept_epoch"]
 
 
-def test_featurize_caches_mirrored_train_features(workdir, archive):
+def test_featurize_caches_mirrored_train_features(study):
     from transfer_study.core.paths import FLIPPED_TRAIN
     from transfer_study.featurize import featurize, prepare_extractor
     from transfer_study.nn.backbones import feature_extractor
 
-    section = params(archive).model("vgg16")
-    featurize_model("vgg16", section, hflip=True)
+    # The study ran featurize_model("vgg16", section, hflip=True).
     plain = np.load(paths.features_file("vgg16", "train"))
     flipped = np.load(paths.features_file("vgg16", FLIPPED_TRAIN))
     assert flipped.shape == plain.shape and not np.array_equal(flipped, plain)
     # Flipping on the device gives what featurizing mirrored images gives.
     images = load_split(paths.split_file("train")).images
     extractor = prepare_extractor(feature_extractor("vgg16", "none", 32), torch.device("cpu"))
-    featurize(extractor, images, workdir / "a.npy", 25088, torch.device("cpu"), flip=True)
+    featurize(extractor, images, study.root / "a.npy", 25088, torch.device("cpu"), flip=True)
     featurize(
         extractor,
         np.ascontiguousarray(images[..., ::-1]),
-        workdir / "b.npy",
+        study.root / "b.npy",
         25088,
         torch.device("cpu"),
     )
-    np.testing.assert_array_equal(np.load(workdir / "a.npy"), np.load(workdir / "b.npy"))
-    assert train_model("vgg16", params(archive, train={"hflip": True}))["epochs"] == 2
+    np.testing.assert_array_equal(np.load(study.root / "a.npy"), np.load(study.root / "b.npy"))
+    assert train_model("vgg16", study.params_with(train={"hflip": True}))["epochs"] == 2
 
 
 def test_hflip_on_features_picks_plain_or_mirrored_per_sample():
@@ -332,25 +330,24 @@ def test_crop_shifts_train_images_only(archive):
     assert shifted > 40  # 24 of 25 offsets shift: most of 64 images moved
 
 
-def test_hflip_needs_the_mirrored_cache(workdir, archive):
-    p = params(archive, vgg16={"train": {"hflip": True}})
-    featurize_model("vgg16", p.model("vgg16"), hflip=False)
+def test_hflip_needs_the_mirrored_cache(study):
+    p = study.params_with(vgg16={"train": {"hflip": True}})
+    # As featurize_model("vgg16", section, hflip=False) leaves it: no mirrored train features.
+    paths.features_file("vgg16", paths.FLIPPED_TRAIN).unlink()
     with pytest.raises(UserError, match="set the shared train.hflip: true"):
         train_model("vgg16", p)
 
 
-def test_featurize_under_torchrun_matches_one_process(workdir, archive):
-    write_params(workdir / "params.yaml", tiny_overrides(archive))
-    env = {**os.environ, "PYTHONPATH": f"{REPO}/src"}
-    stage = [f"{REPO}/stages/featurize.py", "vgg16"]
-    subprocess.run(
-        [sys.executable, *stage], cwd=workdir, env=env, check=True, capture_output=True, timeout=300
-    )
+def test_featurize_under_torchrun_matches_one_process(study):
+    # The study's features, of one process (featurize_model, which the stage runs), to match.
     splits = ("train", "val", "test")
     single = {s: np.load(paths.features_file("vgg16", s)) for s in splits}
+    write_params(study.root / "params.yaml", tiny_overrides(study.archive))
+    env = {**os.environ, "PYTHONPATH": f"{REPO}/src"}
+    stage = [f"{REPO}/stages/featurize.py", "vgg16"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     result = subprocess.run(
-        [*torchrun, *stage], cwd=workdir, env=env, capture_output=True, text=True, timeout=300
+        [*torchrun, *stage], cwd=study.root, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
     for split in splits:  # each rank ran its own half; rank 0 joined them in order
@@ -395,13 +392,10 @@ def test_dvclive_logs_each_epoch_and_summarizes_the_kept_one(workdir, archive):
     assert loss == pytest.approx(summary["val"]["loss"], rel=1e-4)
 
 
-def test_test_time_flips_average_image_and_mirror(workdir, archive):
+def test_test_time_flips_average_image_and_mirror(study):
     from transfer_study.evaluate import logits_on_test
 
-    p = params(archive)
-    featurize_model("vgg16", p.model("vgg16"))
-    train_model("vgg16", p)
-    train_model("mlp", p)
+    # The study featurized VGG16 (mirrored test images too) and trained it and the MLP.
     test = load_split(paths.split_file("test"))
     averaged = evaluate_models(["mlp", "vgg16"], hflip=True)
     # The MLP's averaged probabilities are those of the images and of their mirror images
