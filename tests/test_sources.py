@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -180,16 +181,24 @@ def crafted_archive(path, name, kind=tarfile.REGTYPE):
     ("name", "kind", "message"),
     [
         ("../../data_batch_1", tarfile.REGTYPE, "points outside the archive"),
-        ("/tmp/data_batch_1", tarfile.REGTYPE, "points outside the archive"),
+        ("{tmp}/data_batch_1", tarfile.REGTYPE, "points outside the archive"),  # absolute
         ("cifar-10-batches-py/data_batch_1", tarfile.SYMTYPE, "is a link"),
     ],
 )
-def test_crafted_archive_members_are_refused(tmp_path, name, kind, message):
-    path = crafted_archive(tmp_path / "evil.tar.gz", name, kind)
-    before = set(Path("/tmp").iterdir())
+def test_crafted_archive_members_are_refused(tmp_path, monkeypatch, name, kind, message):
+    # Everywhere an extracting reader could write lies in tmp_path: the working folder, the
+    # archive's folder and two folders up from either, the temporary folder, an absolute path.
+    work, scratch = tmp_path / "a" / "b", tmp_path / "tmp"
+    work.mkdir(parents=True)
+    scratch.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    path = crafted_archive(work / "evil.tar.gz", name.format(tmp=scratch), kind)
+    before = sorted(tmp_path.rglob("*"))
     with pytest.raises(UserError, match=message):
         read_cifar10(path)
-    assert set(Path("/tmp").iterdir()) == before  # nothing was written anywhere
+    assert sorted(tmp_path.rglob("*")) == before  # nothing was written anywhere
 
 
 def test_official_layout_archive_still_reads(tmp_path):
