@@ -214,3 +214,23 @@ def study(trained_study, tmp_path, monkeypatch):
     return dataclasses.replace(
         trained_study, root=tmp_path, metrics=copy.deepcopy(trained_study.metrics)
     )
+
+
+def pytest_collection_modifyitems(items):
+    """The tests that wait for runs in the background go last: the others run meanwhile."""
+    items.sort(key=lambda item: hasattr(getattr(item, "module", None), "start_background"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background_runs(request, tmp_path_factory):
+    """Before the first test: the runs that the selected tests' modules do in a process of
+    their own (a module's start_background; test_pipeline's DVC runs), so that they use the
+    second core while the other tests run. Stopped at the end, if still running."""
+    stops = []
+    for module in dict.fromkeys(getattr(item, "module", None) for item in request.session.items):
+        start = getattr(module, "start_background", None)
+        if start is not None:
+            stops.append(start(request.session, tmp_path_factory))
+    yield
+    for stop in stops:
+        stop()

@@ -1,7 +1,11 @@
-"""End to end: `dvc repro` on a copy of the repository, then the three rerun rules.
+"""End to end: `dvc repro` on a copy of the repository, then the rerun rules.
 
-The tests run in file order on one project: each rule is checked against the state that the
-previous test left, as a user's session would proceed.
+`dvc repro` of the tiny study runs once; each run that changes something works on a copy of
+that finished project (its git history and DVC cache with it), so that every test passes alone
+and in any order. The runs the selected tests need are started before the first test of the
+session, in a process of their own (this file, run as a script), two at a time; they only
+start processes, so the other tests run meanwhile (conftest puts these tests last). Each test
+checks what its own run did.
 """
 
 import csv
@@ -12,7 +16,11 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -61,9 +69,8 @@ def stages_run(output):
     return sorted(re.findall(r"Running stage '(\w+)'", output))
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("project")
+def committed_study(root):
+    """The repository's pipeline and code in `root`, with tiny params, committed to git."""
     for name in COPIED:
         source, target = os.path.join(REPO, name), root / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +78,8 @@ def project(tmp_path_factory):
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg*"))
         else:
             shutil.copy(source, target)
-    archive = write_cifar_archive(tmp_path_factory.mktemp("mirror") / "cifar.tar.gz")
+    (root.parent / "mirror").mkdir()
+    archive = write_cifar_archive(root.parent / "mirror" / "cifar.tar.gz")
     write_params(root / "params.yaml", tiny_overrides(archive))
     run(root, "git", "init", "-q")
     # dvc exp commits experiments: it needs an identity even where git has no global one.
@@ -82,8 +90,241 @@ def project(tmp_path_factory):
     return root
 
 
-def test_repro_runs_every_stage_and_writes_every_output(project):
-    assert stages_run(run(project, "dvc", "repro")) == sorted(ALL_STAGES)
+def _dvc_tmp(folder, names):
+    return ["tmp"] if Path(folder).name == ".dvc" else []  # DVC's locks and scratch files
+
+
+def copy_project(source, target):
+    """A copy of a project folder, git history and DVC cache included."""
+    shutil.copytree(source, target, symlinks=True, ignore=_dvc_tmp)
+    return target
+
+
+# The runs: each a function of the worker's `Runs`, in a folder of its own, that returns what
+# its tests check (as JSON: paths become strings); runs.finished(name) copies the reproduced
+# study into one.
+
+
+def reproduced(runs):
+    """`dvc repro` of the committed study, then its results committed: (project, output)."""
+    root = copy_project(runs.committed, runs.folder("reproduced") / "project")
+    output = run(root, "dvc", "repro")
+    run(root, "git", "add", "-A")
+    run(root, "git", "commit", "-qm", "results")
+    return root, output
+
+
+def new_lr(runs):
+    root = runs.finished("new_lr")
+    return root, run(root, "dvc", "exp", "run", "-S", "train.lr=1e-4")
+
+
+def vgg16_image_size(runs):
+    root = runs.finished("vgg16_image_size")
+    return run(root, "dvc", "exp", "run", "-S", "vgg16.image_size=48")
+
+
+def flipped_test_images(runs):
+    root = runs.finished("flipped_test_images")
+    before = json.loads((root / "metrics/evaluate.json").read_text())
+    output = run(root, "dvc", "exp", "run", "-S", "evaluate.hflip=true")
+    return before, output, json.loads((root / "metrics/evaluate.json").read_text())
+
+
+def left_out(runs):
+    root = runs.finished("left_out")
+    return root, run(root, "dvc", "exp", "run", "-S", "models={vgg16: false, inception: false}")
+
+
+def interrupted_then_mlp_change(runs):
+    """`dvc repro train_mlp` interrupted like Ctrl+C in its terminal, then `dvc exp run` of a
+    new MLP architecture and lr: what each step left."""
+    root = runs.finished("interrupted")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["mlp"]["train"] = {"max_epochs": 40, "patience": 40}  # long enough to interrupt
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "DVC_NO_ANALYTICS": "1"}
+    repro = subprocess.Popen(
+        ["dvc", "repro", "train_mlp"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group, as a terminal's Ctrl+C reaches
+    )
+    last = root / "checkpoints" / "mlp" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not last.exists():
+        assert repro.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(repro.pid, signal.SIGINT)
+    steps = {"exit": repro.wait(timeout=60), "status": run(root, "dvc", "status")}
+    steps["half-written"] = list(root.rglob(".*.tmp*"))
+    # ++: mlp.train lacks lr in params.yaml, and DVC only overrides keys that exist without it.
+    steps["exp run"] = run(
+        root, "dvc", "exp", "run", "-S", "mlp.hidden=[512,256]", "-S", "++mlp.train.lr=0.01"
+    )
+    steps["saved"] = torch.load(root / "models/mlp.pt", weights_only=True)["config"]["section"]
+    steps["metrics"] = json.loads((root / "metrics/train_mlp.json").read_text())
+    steps["status after"] = run(root, "dvc", "status")
+    return steps
+
+
+def queued_grid(runs):
+    """Two queued experiments in a fresh clone of the committed study whose `data.url` is
+    relative to the project: `dvc queue status` once both ended, and `dvc exp show --json`."""
+    folder = runs.folder("queued_grid")
+    clone = folder / "clone"
+    run(folder, "git", "clone", "-q", str(runs.committed), str(clone))
+    run(clone, "git", "config", "user.name", "test")
+    run(clone, "git", "config", "user.email", "test@example.com")
+    (folder / "mirror").mkdir()
+    write_cifar_archive(folder / "mirror" / "cifar.tar.gz")
+    run(
+        clone,
+        *("dvc", "exp", "run", "--queue", "-S", "data.url=../mirror/cifar.tar.gz"),
+        *("-S", "models={vgg16: false, inception: false, lite0: false}"),
+        *("-S", "train.lr=1e-3,1e-1"),
+    )
+    run(clone, "dvc", "queue", "start")
+    deadline = time.monotonic() + 600
+    while re.search(r"\b(Queued|Running)\b", status := run(clone, "dvc", "queue", "status")):
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    failed = re.findall(r"^\w+\s+(\S+)\s.*\bFailed\b", status, flags=re.M)
+    logs = "".join(run(clone, "dvc", "queue", "logs", n) for n in failed)
+    return status, logs, json.loads(run(clone, "dvc", "exp", "show", "--json"))
+
+
+RUNS = [  # longest first, after `reproduced`; each one's name is the fixture of its result
+    reproduced,
+    queued_grid,  # from the committed study: it runs beside `reproduced`
+    new_lr,
+    interrupted_then_mlp_change,
+    vgg16_image_size,
+    left_out,
+    flipped_test_images,
+]
+
+
+class Runs:
+    """The worker: runs the wanted runs in a pool of two threads, each started at once (those
+    that change the reproduced study wait for `reproduced` first), and writes each one's result
+    to <base>/<name>.json, or its traceback to <base>/<name>.error."""
+
+    def __init__(self, base, wanted):
+        self.base = base
+        self.committed = committed_study(self.folder("committed") / "project")
+        needed = [f for f in RUNS if f.__name__ in wanted]
+        if any(f not in RUNS[:2] for f in needed) and reproduced not in needed:
+            needed.insert(0, reproduced)  # what the others copy
+        self.futures = {}
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for function in needed:  # `reproduced` first, before the runs that wait for it
+                self.futures[function.__name__] = pool.submit(self._record, function)
+
+    def _record(self, function):
+        name = function.__name__
+        try:
+            text, suffix = json.dumps(function(self), default=str), ".json"
+        except BaseException:
+            text, suffix = traceback.format_exc(), ".error"
+        partial = self.base / f".{name}{suffix}"
+        partial.write_text(text)
+        partial.rename(self.base / f"{name}{suffix}")  # whole, or not there
+        if suffix == ".error":
+            raise RuntimeError(f"{name} failed")
+        return json.loads(text)
+
+    def folder(self, name):
+        folder = self.base / name
+        folder.mkdir()
+        return folder
+
+    def finished(self, name):
+        """A copy of the reproduced study (its results committed) in a folder of its own."""
+        source, _ = self.futures["reproduced"].result()
+        return copy_project(Path(source), self.folder(name) / "project")
+
+
+class Worker:
+    """The worker process, from the tests' side."""
+
+    def __init__(self, base, wanted):
+        self.base = base
+        self.log = open(base / "worker.log", "w")
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, str(base), *wanted],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # stopped with its dvc processes at the end
+        )
+
+    def result(self, name, seconds=1800):
+        done, failed = self.base / f"{name}.json", self.base / f"{name}.error"
+        deadline = time.monotonic() + seconds
+        while not done.exists():
+            if failed.exists():
+                pytest.fail(f"{name}:\n{failed.read_text()}", pytrace=False)
+            if self.process.poll() is not None and not done.exists():
+                log = (self.base / "worker.log").read_text()[-3000:]
+                pytest.fail(f"the worker ended without {name}:\n{log}", pytrace=False)
+            assert time.monotonic() < deadline, f"{name}: still running"
+            time.sleep(0.2)
+        return json.loads(done.read_text())
+
+    def stop(self):
+        if self.process.poll() is None:  # tests stopped early: so do the runs
+            os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait()
+        self.log.close()
+
+
+_worker = []
+
+
+def start_background(session, tmp_path_factory):
+    """Start the runs that this session's tests of this module need (conftest calls it before
+    the first test); returns the function that stops them."""
+    this = sys.modules[__name__]
+    wanted = sorted(
+        {name for item in session.items if item.module is this for name in item.fixturenames}
+        & {f.__name__ for f in RUNS}
+    )
+    worker = Worker(tmp_path_factory.mktemp("pipeline"), wanted)
+    _worker.append(worker)
+    return worker.stop
+
+
+@pytest.fixture(scope="session")
+def runs():
+    (worker,) = _worker  # started by conftest's background fixture
+    return worker
+
+
+def _fixture_of(function):
+    @pytest.fixture(name=function.__name__)
+    def result(runs):
+        return runs.result(function.__name__)
+
+    result.__doc__ = function.__doc__
+    return result
+
+
+for _run in RUNS:
+    globals()[f"result_of_{_run.__name__}"] = _fixture_of(_run)
+
+
+@pytest.fixture
+def finished(reproduced, tmp_path):
+    """A copy of the reproduced study, for a test that asks DVC about it."""
+    source, _ = reproduced
+    return copy_project(Path(source), tmp_path / "project")
+
+
+def test_repro_runs_every_stage_and_writes_every_output(reproduced):
+    project, output = Path(reproduced[0]), reproduced[1]
+    assert stages_run(output) == sorted(ALL_STAGES)
     for name in MODELS:
         metrics = json.loads((project / f"metrics/train_{name}.json").read_text())
         assert TRAIN_KEYS <= metrics.keys()
@@ -104,29 +345,23 @@ def test_repro_runs_every_stage_and_writes_every_output(project):
     assert set(evaluation) == set(MODELS)
     assert all({"test_accuracy", "test_loss"} <= m.keys() for m in evaluation.values())
     assert "| lite0 |" in (project / "reports/report.md").read_text()
-    run(project, "git", "add", "-A")
-    run(project, "git", "commit", "-qm", "results")
 
 
-def test_second_repro_reruns_nothing(project):
-    assert stages_run(run(project, "dvc", "repro")) == []
+def test_second_repro_reruns_nothing(finished):
+    assert stages_run(run(finished, "dvc", "repro")) == []
 
 
-def test_enabling_a_model_changes_only_its_stages_evaluate_and_report(project):
-    params = project / "params.yaml"
-    committed = params.read_text()
-    raw = yaml.safe_load(committed)
+def test_enabling_a_model_changes_only_its_stages_evaluate_and_report(finished):
+    params = finished / "params.yaml"
+    raw = yaml.safe_load(params.read_text())
     raw["models"]["resnet50"] = True  # its switch alone: no other param of its stages moves
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
-    try:
-        changed = json.loads(run(project, "dvc", "status", "--json"))
-    finally:
-        params.write_text(committed)
+    changed = json.loads(run(finished, "dvc", "status", "--json"))
     assert sorted(changed) == ["evaluate", "featurize_resnet50", "report", "train_resnet50"]
 
 
-def test_new_lr_retrains_every_model_and_featurizes_nothing(project):
-    output = run(project, "dvc", "exp", "run", "-S", "train.lr=1e-4")
+def test_new_lr_retrains_every_model_and_featurizes_nothing(new_lr):
+    project, output = Path(new_lr[0]), new_lr[1]
     assert stages_run(output) == sorted(["evaluate", "report", *(f"train_{m}" for m in DECLARED)])
     for name in MODELS:
         saved = torch.load(project / f"models/{name}.pt", weights_only=True)
@@ -137,7 +372,8 @@ def test_new_lr_retrains_every_model_and_featurizes_nothing(project):
 HEADLINE = {"test_accuracy", "test_loss", "step", "loss", "acc", "epochs", "train_seconds"}
 
 
-def test_metrics_diff_and_exp_show_hold_only_headline_figures(project):
+def test_metrics_diff_and_exp_show_hold_only_headline_figures(new_lr):
+    project = Path(new_lr[0])  # the workspace holds the new lr's results, HEAD the committed ones
     diff = json.loads(run(project, "dvc", "metrics", "diff", "--json"))
     assert set(diff) <= {"metrics/evaluate.json", *(f"dvclive/{m}/metrics.json" for m in MODELS)}
     keys = [key.split(".")[-1] for changes in diff.values() for key in changes]
@@ -158,26 +394,29 @@ def test_metrics_diff_and_exp_show_hold_only_headline_figures(project):
     assert len(others) <= 7 * len(MODELS) and "train.lr" in columns
 
 
-def test_mlp_architecture_reruns_only_the_mlp(project):
-    # ++: mlp.train is empty in params.yaml, and DVC only overrides keys that exist without it.
-    output = run(
-        project, "dvc", "exp", "run", "-S", "mlp.hidden=[512,256]", "-S", "++mlp.train.lr=0.01"
-    )
-    assert stages_run(output) == ["evaluate", "report", "train_mlp"]
-    saved = torch.load(project / "models/mlp.pt", weights_only=True)
-    assert saved["config"]["section"]["train"]["lr"] == 0.01
+def test_interrupted_repro_leaves_nothing_complete_and_an_mlp_change_reruns_only_the_mlp(
+    interrupted_then_mlp_change,
+):
+    steps = interrupted_then_mlp_change
+    assert steps["exit"] != 0
+    assert "train_mlp" in steps["status"]  # not recorded as done
+    assert steps["half-written"] == []  # no half-written output anywhere
+    # The next run finishes the interrupted stage, and the new architecture and lr rerun the
+    # MLP's training, evaluate and report: nothing else.
+    assert stages_run(steps["exp run"]) == ["evaluate", "report", "train_mlp"]
+    assert steps["saved"]["train"]["lr"] == 0.01 and steps["saved"]["hidden"] == [512, 256]
+    assert steps["metrics"]["epochs"] == 40
+    assert "up to date" in steps["status after"]
 
 
-def test_vgg16_image_size_refeaturizes_only_vgg16(project):
-    output = run(project, "dvc", "exp", "run", "-S", "vgg16.image_size=48")
+def test_vgg16_image_size_refeaturizes_only_vgg16(vgg16_image_size):
+    output = vgg16_image_size
     assert stages_run(output) == ["evaluate", "featurize_vgg16", "report", "train_vgg16"]
 
 
-def test_test_time_flips_rerun_only_evaluate_and_report(project):
-    before = json.loads((project / "metrics/evaluate.json").read_text())
-    output = run(project, "dvc", "exp", "run", "-S", "evaluate.hflip=true")
+def test_test_time_flips_rerun_only_evaluate_and_report(flipped_test_images):
+    before, output, after = flipped_test_images
     assert stages_run(output) == ["evaluate", "report"]  # mirrored test features are cached
-    after = json.loads((project / "metrics/evaluate.json").read_text())
     assert set(after) == set(before) and after != before
 
 
@@ -194,18 +433,18 @@ def plotted_models(project):
     return models
 
 
-def test_plots_show_tells_every_model_apart(project):
-    models = plotted_models(project)
+def test_plots_show_tells_every_model_apart(finished):
+    models = plotted_models(finished)
     curves = [t for t in models if t.startswith(("Accuracy by epoch", "Loss by epoch"))]
     assert len(curves) == 2 and all(models[t] == set(MODELS) for t in curves)
     assert models["Test accuracy against compute seconds (featurize + train)"] == set(MODELS)
     assert {f"confusion_{m}.png" for m in MODELS} <= models["images"]
-    html = run(project, "dvc", "plots", "show", "-o", "plots_html")
-    assert "index.html" in html and (project / "plots_html" / "index.html").exists()
+    html = run(finished, "dvc", "plots", "show", "-o", "plots_html")
+    assert "index.html" in html and (finished / "plots_html" / "index.html").exists()
 
 
-def test_left_out_models_rerun_only_their_own_stages_and_leave_the_report(project):
-    output = run(project, "dvc", "exp", "run", "-S", "models={vgg16: false, inception: false}")
+def test_left_out_models_rerun_only_their_own_stages_and_leave_the_report(left_out):
+    project, output = Path(left_out[0]), left_out[1]
     # Their stages rerun to write markers; mlp's and lite0's do not rerun at all.
     assert stages_run(output) == sorted(
         ["evaluate", "report", *(f"{s}_{m}" for s in ("featurize", "train") for m in LEFT_OUT)]
@@ -220,59 +459,12 @@ def test_left_out_models_rerun_only_their_own_stages_and_leave_the_report(projec
     assert not (project / "reports/figures/confusion_vgg16.png").exists()
 
 
-def test_interrupted_repro_leaves_nothing_complete_and_the_next_repro_finishes(project):
-    run(project, "git", "checkout", "-q", "--", ".")  # back to the committed results
-    run(project, "dvc", "checkout", "-q")
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["mlp"]["train"] = {"max_epochs": 40, "patience": 40}  # long enough to interrupt
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": str(project / "src"), "DVC_NO_ANALYTICS": "1"}
-    repro = subprocess.Popen(
-        ["dvc", "repro", "train_mlp"],
-        cwd=project,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group, as a terminal's Ctrl+C reaches
-    )
-    last = project / "checkpoints" / "mlp" / "last.ckpt"
-    deadline = time.monotonic() + 120
-    while not last.exists():
-        assert repro.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    os.killpg(repro.pid, signal.SIGINT)
-    assert repro.wait(timeout=60) != 0
-    assert "train_mlp" in run(project, "dvc", "status")  # not recorded as done
-    assert not list(project.rglob(".*.tmp*"))  # no half-written output anywhere
-    assert stages_run(run(project, "dvc", "repro")) == ["evaluate", "report", "train_mlp"]
-    assert json.loads((project / "metrics/train_mlp.json").read_text())["epochs"] == 40
-    assert "up to date" in run(project, "dvc", "status")
-
-
-def test_queued_grid_runs_from_a_fresh_clone_with_a_relative_data_url(project, tmp_path):
+def test_queued_grid_runs_from_a_fresh_clone_with_a_relative_data_url(queued_grid):
     """Queued experiments run in a copy under .dvc/tmp/exps/; `data.url` relative to the
     project must still find the archive beside it."""
-    clone = tmp_path / "clone"
-    run(tmp_path, "git", "clone", "-q", str(project), str(clone))
-    run(clone, "git", "config", "user.name", "test")
-    run(clone, "git", "config", "user.email", "test@example.com")
-    (tmp_path / "mirror").mkdir()
-    write_cifar_archive(tmp_path / "mirror" / "cifar.tar.gz")
-    run(
-        clone,
-        *("dvc", "exp", "run", "--queue", "-S", "data.url=../mirror/cifar.tar.gz"),
-        *("-S", "models={vgg16: false, inception: false, lite0: false}"),
-        *("-S", "train.lr=1e-3,1e-1"),
-    )
-    run(clone, "dvc", "queue", "start")
-    deadline = time.monotonic() + 600
-    while re.search(r"\b(Queued|Running)\b", status := run(clone, "dvc", "queue", "status")):
-        assert time.monotonic() < deadline, status
-        time.sleep(2)
-    failed = re.findall(r"^\w+\s+(\S+)\s.*\bFailed\b", status, flags=re.M)
-    assert not failed, status + "".join(run(clone, "dvc", "queue", "logs", n) for n in failed)
+    status, failed_logs, shown = queued_grid
+    assert not re.findall(r"^\w+\s+(\S+)\s.*\bFailed\b", status, flags=re.M), status + failed_logs
     assert len(re.findall(r"\bSuccess\b", status)) == 2, status
-    shown = json.loads(run(clone, "dvc", "exp", "show", "--json"))
     results = {}
     for baseline in shown:
         for experiment in baseline.get("experiments") or []:
@@ -281,3 +473,7 @@ def test_queued_grid_runs_from_a_fresh_clone_with_a_relative_data_url(project, t
             results[lr] = data["metrics"]["metrics/evaluate.json"]["data"]["mlp"]
     assert set(results) == {0.001, 0.1}
     assert results[0.001] != results[0.1]
+
+
+if __name__ == "__main__":  # the worker: python test_pipeline.py BASE RUN...
+    Runs(Path(sys.argv[1]), set(sys.argv[2:]))
