@@ -19,9 +19,11 @@ from transfer_study.train.fit import train_model
 
 SAMPLE = Path(REPO).parent / "shared" / "datasets" / "cifar-10-sample-python.tar.gz"
 SIZE = 128  # pixels: small enough for a CPU, large enough for ImageNet features to matter
+TEST_SIZE = 500  # stratified test images: 50 a class (the accuracy within about 2 points)
 # Accuracy that pretrained features must add over random ones (which sit at chance, 10%).
-# Measured here: 74.3% with the pipeline as it is; 45.1% with inputs left on the 0-255 scale
-# (no normalization), 52.5% with the backbone in train mode, 59.0% with the pooling skipped.
+# Measured here: 74.6% on these 500 test images with the pipeline as it is (74.3% on 1000);
+# on 1000: 45.1% with inputs left on the 0-255 scale (no normalization), 52.5% with the
+# backbone in train mode, 59.0% with the pooling skipped.
 MARGIN = 0.55
 
 
@@ -29,7 +31,7 @@ MARGIN = 0.55
 def test_pretrained_lite0_features_beat_random_ones(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     train, test = read_cifar10(SAMPLE)
-    splits = make_splits(train, test, 0.2, seed=0, train_size=2000, test_size=1000)
+    splits = make_splits(train, test, 0.2, seed=0, train_size=2000, test_size=TEST_SIZE)
     for name, split in splits.items():
         save_split(split, paths.split_file(name))
     accuracy = {}
