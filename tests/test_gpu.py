@@ -3,10 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_overrides
+from conftest import params
 
 from transfer_study.core import paths
-from transfer_study.core.config import deep_merge, load_params
 from transfer_study.featurize import featurize, prepare_extractor
 from transfer_study.nn.backbones import backbone_spec, feature_extractor
 from transfer_study.train.fit import train_model
@@ -38,7 +37,6 @@ def test_cuda_bf16_features_match_cpu_fp32(tmp_path):
 
 
 def test_training_on_the_gpu_in_bf16(workdir, archive):
-    params = load_params(f"{REPO}/params.yaml", deep_merge(tiny_overrides(archive), {}))
-    metrics = train_model("mlp", params)
+    metrics = train_model("mlp", params(archive))
     assert metrics["precision"] == "bf16-mixed" and metrics["device"] != "cpu"
     assert paths.model_file("mlp").exists()
