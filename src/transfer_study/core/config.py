@@ -52,7 +52,8 @@ class TrainParams:
     strategy: str
     precision: str
     compile: bool  # torch.compile the network (measured: docs/performance.md)
-    deterministic: bool  # deterministic algorithms only (CUDA: slower; docs/guarantees-and-tests.md)
+    # deterministic algorithms only (CUDA: slower; docs/guarantees-and-tests.md)
+    deterministic: bool
     resume: bool  # continue an interrupted run of the same configuration from its checkpoint
 
 
