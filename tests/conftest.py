@@ -1,13 +1,27 @@
-"""Shared fixtures: fake CIFAR-10 archives written the official way, tiny params, and one tiny
-study trained once per session for the tests that only read its results."""
+"""Shared fixtures: fake CIFAR-10 archives written the official way, tiny params, one tiny
+study trained once per session for the tests that only read its results, and the background
+runs (end-to-end runs in processes, started before the first test)."""
+
+import os
+
+# Runs in the background share the cores with the tests: OpenMP threads that spin while they
+# wait would burn the time another process needs. Set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import copy
 import dataclasses
 import io
-import os
+import json
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -216,21 +230,157 @@ def study(trained_study, tmp_path, monkeypatch):
     )
 
 
+# Background runs. A test module may list in RUNS functions that do their work in processes
+# (dvc, the stage scripts, the study timer) and return what its tests check, as JSON (paths
+# become strings). Before the first test, one worker process (this file, run as a script) runs
+# those the selected tests need, two at a time, while the other tests run here; each run's
+# result is the fixture named after it (see background_fixtures). The tests that wait for one
+# go last. A run marked @needs(name) reads that one's result with runs.wait(name).
+
+
+def needs(*names):
+    """Marks a run that reads the results of the runs `names` (listed before it in RUNS)."""
+
+    def mark(function):
+        function.needs = names
+        return function
+
+    return mark
+
+
+class Runs:
+    """In the worker: each run in a pool of two threads, every one started at once, each run's
+    result written to <base>/<name>.json, or its traceback to <base>/<name>.error."""
+
+    def __init__(self, base, functions):
+        self.base = base
+        self.lock = threading.Lock()
+        self.once_done = {}
+        self.futures = {}
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for function in functions:  # each after those it needs
+                self.futures[function.__name__] = pool.submit(self._record, function)
+
+    def _record(self, function):
+        name = function.__name__
+        try:
+            text, suffix = json.dumps(function(self), default=str), ".json"
+        except BaseException:
+            text, suffix = traceback.format_exc(), ".error"
+        partial = self.base / f".{name}{suffix}"
+        partial.write_text(text)
+        partial.rename(self.base / f"{name}{suffix}")  # whole, or not there
+        if suffix == ".error":
+            raise RuntimeError(f"{name} failed")
+        return json.loads(text)
+
+    def folder(self, name):
+        """A new folder of the worker's, `name` unique among the runs."""
+        folder = self.base / name
+        folder.mkdir()
+        return folder
+
+    def wait(self, name):
+        """The result of run `name` (one of this run's needs), once it has finished."""
+        return self.futures[name].result()
+
+    def once(self, name, make):
+        """make(), called by the first run that asks for `name`; the others get its value."""
+        with self.lock:
+            if name not in self.once_done:
+                self.once_done[name] = make()
+            return self.once_done[name]
+
+
+class Worker:
+    """The worker process, from the tests' side."""
+
+    def __init__(self, base, runs):
+        self.base = base
+        self.log = open(base / "worker.log", "w")
+        specs = [f"{run.__module__}:{run.__name__}" for run in runs]
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, str(base), *specs],
+            cwd=Path(__file__).parent,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # stopped with its processes, if the tests stop early
+        )
+
+    def result(self, name, seconds=1800):
+        done, failed = self.base / f"{name}.json", self.base / f"{name}.error"
+        deadline = time.monotonic() + seconds
+        while not done.exists():
+            if failed.exists():
+                pytest.fail(f"{name}:\n{failed.read_text()}", pytrace=False)
+            if self.process.poll() is not None and not done.exists():
+                log = (self.base / "worker.log").read_text()[-3000:]
+                pytest.fail(f"the worker ended without {name}:\n{log}", pytrace=False)
+            assert time.monotonic() < deadline, f"{name}: still running"
+            time.sleep(0.2)
+        return json.loads(done.read_text())
+
+    def stop(self):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait()
+        self.log.close()
+
+
+def _runs_of(item):
+    return {run.__name__: run for run in getattr(getattr(item, "module", None), "RUNS", ())}
+
+
 def pytest_collection_modifyitems(items):
-    """The tests that wait for runs in the background go last: the others run meanwhile."""
-    items.sort(key=lambda item: hasattr(getattr(item, "module", None), "start_background"))
+    """The tests that wait for background runs go last: the others run meanwhile."""
+    items.sort(key=lambda item: bool(_runs_of(item).keys() & set(item.fixturenames)))
 
 
 @pytest.fixture(scope="session", autouse=True)
 def background_runs(request, tmp_path_factory):
-    """Before the first test: the runs that the selected tests' modules do in a process of
-    their own (a module's start_background; test_pipeline's DVC runs), so that they use the
-    second core while the other tests run. Stopped at the end, if still running."""
-    stops = []
-    for module in dict.fromkeys(getattr(item, "module", None) for item in request.session.items):
-        start = getattr(module, "start_background", None)
-        if start is not None:
-            stops.append(start(request.session, tmp_path_factory))
-    yield
-    for stop in stops:
-        stop()
+    """The worker, started before the first test with the runs the selected tests need; the
+    runs that others wait for start first, then the other runs that wait for none."""
+    wanted = {}
+    for item in request.session.items:
+        runs = _runs_of(item)
+        todo = [name for name in item.fixturenames if name in runs]
+        while todo:
+            run = runs[todo.pop()]
+            if run.__name__ not in wanted:
+                wanted[run.__name__] = run
+                todo += getattr(run, "needs", ())
+    waited_for = {name for run in wanted.values() for name in getattr(run, "needs", ())}
+    ordered = sorted(  # stable: each module's RUNS order within each group
+        wanted.values(),
+        key=lambda run: (run.__name__ not in waited_for, bool(getattr(run, "needs", ()))),
+    )
+    if not ordered:
+        yield None
+        return
+    worker = Worker(tmp_path_factory.mktemp("background"), ordered)
+    yield worker
+    worker.stop()
+
+
+def background_fixtures(runs):
+    """{attribute: fixture} for a module's RUNS: each fixture named after its run, holding the
+    run's result (globals().update(background_fixtures(RUNS)) defines them)."""
+
+    def fixture_of(name):
+        @pytest.fixture(name=name)
+        def result(background_runs):
+            return background_runs.result(name)
+
+        return result
+
+    return {f"result_of_{run.__name__}": fixture_of(run.__name__) for run in runs}
+
+
+if __name__ == "__main__":  # the worker: python conftest.py BASE MODULE:RUN...
+    import importlib
+
+    functions = []
+    for spec in sys.argv[2:]:
+        module, name = spec.split(":")
+        functions.append(getattr(importlib.import_module(module), name))
+    Runs(Path(sys.argv[1]), functions)

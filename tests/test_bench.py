@@ -1,9 +1,12 @@
 """The benchmark runs end to end at CI size; its figures are printed, never asserted."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
-from conftest import REPO, write_cifar_archive
+from conftest import REPO, background_fixtures, write_cifar_archive
 
 from transfer_study.bench.__main__ import main
 
@@ -20,8 +23,10 @@ def test_bench_prints_the_ratio_keys_last(capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
 
 
-def test_study_timer_times_every_stage_then_only_what_a_change_reruns(tmp_path, capsys):
-    archive = write_cifar_archive(tmp_path / "cifar.tar.gz")
+def study_timer(runs):
+    """The study timer on a tiny study, by its command line: its exit status, stdout, stderr's
+    end, and what its main() returned (written to stderr last by the wrapper below)."""
+    archive = write_cifar_archive(runs.folder("study_timer") / "cifar.tar.gz")
     tiny = [
         "data.train_size=150",
         "data.test_size=50",
@@ -34,8 +39,31 @@ def test_study_timer_times_every_stage_then_only_what_a_change_reruns(tmp_path, 
     # The cheapest change that reruns a stage with batches: test-time flips rerun evaluate
     # (the mirrored test features are cached) and report.
     argv = ["study", "--project", REPO, "--archive", str(archive), "--rerun", "evaluate.hflip=true"]
-    summary = main(argv + [f"-S{setting}" for setting in tiny])
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+    wrapper = (
+        "import json, sys\n"
+        "from transfer_study.bench.__main__ import main\n"
+        "returned = main(sys.argv[1:])\n"
+        "print('returned: ' + json.dumps(returned), file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", wrapper, *argv, *(f"-S{setting}" for setting in tiny)],
+        env={**os.environ, "PYTHONPATH": f"{REPO}/src"},
+        capture_output=True,
+        text=True,
+    )
+    returned = result.stderr.rstrip().rsplit("\n", 1)[-1].removeprefix("returned: ")
+    return result.returncode, result.stdout, result.stderr[-3000:], returned
+
+
+RUNS = [study_timer]  # background runs (conftest)
+globals().update(background_fixtures(RUNS))
+
+
+def test_study_timer_times_every_stage_then_only_what_a_change_reruns(study_timer):
+    code, stdout, stderr, returned = study_timer
+    assert code == 0, stderr
+    summary = json.loads(returned)
+    assert json.loads(stdout.strip().splitlines()[-1]) == summary  # printed last, as returned
     stages = summary["stages"]
     assert {"download", "split", "featurize_lite0", "train_lite0", "evaluate", "report"} <= set(
         stages

@@ -2,10 +2,8 @@
 
 `dvc repro` of the tiny study runs once; each run that changes something works on a copy of
 that finished project (its git history and DVC cache with it), so that every test passes alone
-and in any order. The runs the selected tests need are started before the first test of the
-session, in a process of their own (this file, run as a script), two at a time; they only
-start processes, so the other tests run meanwhile (conftest puts these tests last). Each test
-checks what its own run did.
+and in any order. The runs are background runs (conftest): started before the first test, in
+a worker process, while the other tests run. Each test checks what its own run did.
 """
 
 import csv
@@ -16,17 +14,22 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
-import traceback
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import REPO, TRAIN_KEYS, tiny_overrides, write_cifar_archive, write_params
+from conftest import (
+    REPO,
+    TRAIN_KEYS,
+    background_fixtures,
+    needs,
+    tiny_overrides,
+    write_cifar_archive,
+    write_params,
+)
 
 MODELS = ["mlp", "vgg16", "inception", "lite0"]  # in the study
 LEFT_OUT = ["inception", "vgg16"]  # by the left-out test
@@ -100,46 +103,60 @@ def copy_project(source, target):
     return target
 
 
-# The runs: each a function of the worker's `Runs`, in a folder of its own, that returns what
-# its tests check (as JSON: paths become strings); runs.finished(name) copies the reproduced
-# study into one.
+# The runs, each in a folder of its own (conftest's Runs).
+
+
+def committed(runs):
+    """The committed study, in a folder of the first run that asks for it."""
+    return runs.once("committed", lambda: committed_study(runs.folder("committed") / "project"))
+
+
+def finished(runs, name):
+    """A copy of the reproduced study (its results committed) in a new folder `name`."""
+    source, _ = runs.wait("reproduced")
+    return copy_project(Path(source), runs.folder(name) / "project")
 
 
 def reproduced(runs):
     """`dvc repro` of the committed study, then its results committed: (project, output)."""
-    root = copy_project(runs.committed, runs.folder("reproduced") / "project")
+    root = copy_project(committed(runs), runs.folder("reproduced") / "project")
     output = run(root, "dvc", "repro")
     run(root, "git", "add", "-A")
     run(root, "git", "commit", "-qm", "results")
     return root, output
 
 
+@needs("reproduced")
 def new_lr(runs):
-    root = runs.finished("new_lr")
+    root = finished(runs, "new_lr")
     return root, run(root, "dvc", "exp", "run", "-S", "train.lr=1e-4")
 
 
+@needs("reproduced")
 def vgg16_image_size(runs):
-    root = runs.finished("vgg16_image_size")
+    root = finished(runs, "vgg16_image_size")
     return run(root, "dvc", "exp", "run", "-S", "vgg16.image_size=48")
 
 
+@needs("reproduced")
 def flipped_test_images(runs):
-    root = runs.finished("flipped_test_images")
+    root = finished(runs, "flipped_test_images")
     before = json.loads((root / "metrics/evaluate.json").read_text())
     output = run(root, "dvc", "exp", "run", "-S", "evaluate.hflip=true")
     return before, output, json.loads((root / "metrics/evaluate.json").read_text())
 
 
+@needs("reproduced")
 def left_out(runs):
-    root = runs.finished("left_out")
+    root = finished(runs, "left_out")
     return root, run(root, "dvc", "exp", "run", "-S", "models={vgg16: false, inception: false}")
 
 
+@needs("reproduced")
 def interrupted_then_mlp_change(runs):
     """`dvc repro train_mlp` interrupted like Ctrl+C in its terminal, then `dvc exp run` of a
     new MLP architecture and lr: what each step left."""
-    root = runs.finished("interrupted")
+    root = finished(runs, "interrupted")
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["mlp"]["train"] = {"max_epochs": 40, "patience": 40}  # long enough to interrupt
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -175,7 +192,7 @@ def queued_grid(runs):
     relative to the project: `dvc queue status` once both ended, and `dvc exp show --json`."""
     folder = runs.folder("queued_grid")
     clone = folder / "clone"
-    run(folder, "git", "clone", "-q", str(runs.committed), str(clone))
+    run(folder, "git", "clone", "-q", str(committed(runs)), str(clone))
     run(clone, "git", "config", "user.name", "test")
     run(clone, "git", "config", "user.email", "test@example.com")
     (folder / "mirror").mkdir()
@@ -196,10 +213,10 @@ def queued_grid(runs):
     return status, logs, json.loads(run(clone, "dvc", "exp", "show", "--json"))
 
 
-RUNS = [  # longest first, after `reproduced`; each one's name is the fixture of its result
+RUNS = [  # each one's name is the fixture of its result
     reproduced,
     queued_grid,  # from the committed study: it runs beside `reproduced`
-    new_lr,
+    new_lr,  # the longest first, of those that wait for `reproduced`
     interrupted_then_mlp_change,
     vgg16_image_size,
     left_out,
@@ -207,116 +224,11 @@ RUNS = [  # longest first, after `reproduced`; each one's name is the fixture of
 ]
 
 
-class Runs:
-    """The worker: runs the wanted runs in a pool of two threads, each started at once (those
-    that change the reproduced study wait for `reproduced` first), and writes each one's result
-    to <base>/<name>.json, or its traceback to <base>/<name>.error."""
-
-    def __init__(self, base, wanted):
-        self.base = base
-        self.committed = committed_study(self.folder("committed") / "project")
-        needed = [f for f in RUNS if f.__name__ in wanted]
-        if any(f not in RUNS[:2] for f in needed) and reproduced not in needed:
-            needed.insert(0, reproduced)  # what the others copy
-        self.futures = {}
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            for function in needed:  # `reproduced` first, before the runs that wait for it
-                self.futures[function.__name__] = pool.submit(self._record, function)
-
-    def _record(self, function):
-        name = function.__name__
-        try:
-            text, suffix = json.dumps(function(self), default=str), ".json"
-        except BaseException:
-            text, suffix = traceback.format_exc(), ".error"
-        partial = self.base / f".{name}{suffix}"
-        partial.write_text(text)
-        partial.rename(self.base / f"{name}{suffix}")  # whole, or not there
-        if suffix == ".error":
-            raise RuntimeError(f"{name} failed")
-        return json.loads(text)
-
-    def folder(self, name):
-        folder = self.base / name
-        folder.mkdir()
-        return folder
-
-    def finished(self, name):
-        """A copy of the reproduced study (its results committed) in a folder of its own."""
-        source, _ = self.futures["reproduced"].result()
-        return copy_project(Path(source), self.folder(name) / "project")
-
-
-class Worker:
-    """The worker process, from the tests' side."""
-
-    def __init__(self, base, wanted):
-        self.base = base
-        self.log = open(base / "worker.log", "w")
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, str(base), *wanted],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # stopped with its dvc processes at the end
-        )
-
-    def result(self, name, seconds=1800):
-        done, failed = self.base / f"{name}.json", self.base / f"{name}.error"
-        deadline = time.monotonic() + seconds
-        while not done.exists():
-            if failed.exists():
-                pytest.fail(f"{name}:\n{failed.read_text()}", pytrace=False)
-            if self.process.poll() is not None and not done.exists():
-                log = (self.base / "worker.log").read_text()[-3000:]
-                pytest.fail(f"the worker ended without {name}:\n{log}", pytrace=False)
-            assert time.monotonic() < deadline, f"{name}: still running"
-            time.sleep(0.2)
-        return json.loads(done.read_text())
-
-    def stop(self):
-        if self.process.poll() is None:  # tests stopped early: so do the runs
-            os.killpg(self.process.pid, signal.SIGTERM)
-        self.process.wait()
-        self.log.close()
-
-
-_worker = []
-
-
-def start_background(session, tmp_path_factory):
-    """Start the runs that this session's tests of this module need (conftest calls it before
-    the first test); returns the function that stops them."""
-    this = sys.modules[__name__]
-    wanted = sorted(
-        {name for item in session.items if item.module is this for name in item.fixturenames}
-        & {f.__name__ for f in RUNS}
-    )
-    worker = Worker(tmp_path_factory.mktemp("pipeline"), wanted)
-    _worker.append(worker)
-    return worker.stop
-
-
-@pytest.fixture(scope="session")
-def runs():
-    (worker,) = _worker  # started by conftest's background fixture
-    return worker
-
-
-def _fixture_of(function):
-    @pytest.fixture(name=function.__name__)
-    def result(runs):
-        return runs.result(function.__name__)
-
-    result.__doc__ = function.__doc__
-    return result
-
-
-for _run in RUNS:
-    globals()[f"result_of_{_run.__name__}"] = _fixture_of(_run)
+globals().update(background_fixtures(RUNS))
 
 
 @pytest.fixture
-def finished(reproduced, tmp_path):
+def project(reproduced, tmp_path):
     """A copy of the reproduced study, for a test that asks DVC about it."""
     source, _ = reproduced
     return copy_project(Path(source), tmp_path / "project")
@@ -347,16 +259,16 @@ def test_repro_runs_every_stage_and_writes_every_output(reproduced):
     assert "| lite0 |" in (project / "reports/report.md").read_text()
 
 
-def test_second_repro_reruns_nothing(finished):
-    assert stages_run(run(finished, "dvc", "repro")) == []
+def test_second_repro_reruns_nothing(project):
+    assert stages_run(run(project, "dvc", "repro")) == []
 
 
-def test_enabling_a_model_changes_only_its_stages_evaluate_and_report(finished):
-    params = finished / "params.yaml"
+def test_enabling_a_model_changes_only_its_stages_evaluate_and_report(project):
+    params = project / "params.yaml"
     raw = yaml.safe_load(params.read_text())
     raw["models"]["resnet50"] = True  # its switch alone: no other param of its stages moves
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
-    changed = json.loads(run(finished, "dvc", "status", "--json"))
+    changed = json.loads(run(project, "dvc", "status", "--json"))
     assert sorted(changed) == ["evaluate", "featurize_resnet50", "report", "train_resnet50"]
 
 
@@ -433,14 +345,14 @@ def plotted_models(project):
     return models
 
 
-def test_plots_show_tells_every_model_apart(finished):
-    models = plotted_models(finished)
+def test_plots_show_tells_every_model_apart(project):
+    models = plotted_models(project)
     curves = [t for t in models if t.startswith(("Accuracy by epoch", "Loss by epoch"))]
     assert len(curves) == 2 and all(models[t] == set(MODELS) for t in curves)
     assert models["Test accuracy against compute seconds (featurize + train)"] == set(MODELS)
     assert {f"confusion_{m}.png" for m in MODELS} <= models["images"]
-    html = run(finished, "dvc", "plots", "show", "-o", "plots_html")
-    assert "index.html" in html and (finished / "plots_html" / "index.html").exists()
+    html = run(project, "dvc", "plots", "show", "-o", "plots_html")
+    assert "index.html" in html and (project / "plots_html" / "index.html").exists()
 
 
 def test_left_out_models_rerun_only_their_own_stages_and_leave_the_report(left_out):
@@ -473,7 +385,3 @@ def test_queued_grid_runs_from_a_fresh_clone_with_a_relative_data_url(queued_gri
             results[lr] = data["metrics"]["metrics/evaluate.json"]["data"]["mlp"]
     assert set(results) == {0.001, 0.1}
     assert results[0.001] != results[0.1]
-
-
-if __name__ == "__main__":  # the worker: python test_pipeline.py BASE RUN...
-    Runs(Path(sys.argv[1]), set(sys.argv[2:]))

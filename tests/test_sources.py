@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, only, write_cifar_archive, write_params
+from conftest import REPO, background_fixtures, only, write_cifar_archive, write_params
 from PIL import Image
 
 from transfer_study.core.config import DataParams
@@ -206,10 +206,11 @@ def test_official_layout_archive_still_reads(tmp_path):
     assert len(train.labels) == 200
 
 
-def test_mnist_study_end_to_end_through_the_stages(tmp_path):
-    """download → split → train/featurize → evaluate → report on generated MNIST files: the
-    MLP sees 1 x 28 x 28 inputs, Lite0 the grayscale replicated to RGB."""
-    mirror = write_mnist(tmp_path / "mirror", train=200, test=50)
+def mnist_study(runs):
+    """download → split → train/featurize → evaluate → report on generated MNIST files, each
+    stage by its script: each stage's exit status and stderr's end, and what the tests read."""
+    folder = runs.folder("mnist_study")
+    mirror = write_mnist(folder / "mirror", train=200, test=50)
     overrides = {
         "models": only("mlp", "lite0"),
         "data": {"dataset": "mnist", "url": str(mirror), "md5": None},
@@ -217,7 +218,7 @@ def test_mnist_study_end_to_end_through_the_stages(tmp_path):
         "mlp": {"image_size": 28, "hidden": [128], "activation": "sigmoid"},
         "lite0": {"weights": "none", "image_size": 32},
     }
-    project = tmp_path / "project"
+    project = folder / "project"
     project.mkdir()
     write_params(project / "params.yaml", overrides)
     env = {**os.environ, "PYTHONPATH": f"{REPO}/src"}
@@ -230,6 +231,7 @@ def test_mnist_study_end_to_end_through_the_stages(tmp_path):
         "evaluate",
         "report",
     )
+    ran = {}
     for stage in stages:
         script, *args = stage.split()
         result = subprocess.run(
@@ -239,14 +241,35 @@ def test_mnist_study_end_to_end_through_the_stages(tmp_path):
             capture_output=True,
             text=True,
         )
-        assert result.returncode == 0, f"{stage}: {result.stderr[-2000:]}"
-    metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
-    assert set(metrics) == {"mlp", "lite0"}
+        ran[stage] = (result.returncode, result.stderr[-2000:])
+        if result.returncode != 0:
+            return {"stages": ran}
     saved = torch.load(project / "models" / "mlp.pt", weights_only=True)
-    assert saved["config"]["data"]["shape"] == [1, 28, 28]
-    assert saved["state_dict"]["2.0.weight"].shape == (128, 28 * 28)
-    assert json.loads((project / "metrics" / "split.json").read_text())["test"]["total"] == 50
-    assert (project / "reports" / "figures" / "misclassified_mlp.png").exists()
+    return {
+        "stages": ran,
+        "evaluated": json.loads((project / "metrics" / "evaluate.json").read_text()),
+        "shape": saved["config"]["data"]["shape"],
+        "first weights": list(saved["state_dict"]["2.0.weight"].shape),
+        "split": json.loads((project / "metrics" / "split.json").read_text()),
+        "misclassified": (project / "reports" / "figures" / "misclassified_mlp.png").exists(),
+    }
+
+
+RUNS = [mnist_study]  # background runs (conftest)
+globals().update(background_fixtures(RUNS))
+
+
+def test_mnist_study_end_to_end_through_the_stages(mnist_study):
+    """The MNIST study through the stages: the MLP sees 1 x 28 x 28 inputs, Lite0 the
+    grayscale replicated to RGB."""
+    for stage, (code, stderr) in mnist_study["stages"].items():
+        assert code == 0, f"{stage}: {stderr}"
+    assert len(mnist_study["stages"]) == 7
+    assert set(mnist_study["evaluated"]) == {"mlp", "lite0"}
+    assert mnist_study["shape"] == [1, 28, 28]
+    assert mnist_study["first weights"] == [128, 28 * 28]
+    assert mnist_study["split"]["test"]["total"] == 50
+    assert mnist_study["misclassified"]
 
 
 def test_a_fifo_named_like_an_image_is_refused_not_read(tmp_path):
