@@ -126,16 +126,20 @@ def reproduced(runs):
     return root, output
 
 
+def exp_run(runs, name, setting):
+    """`dvc exp run -S setting` on a copy of the reproduced study: (project, output)."""
+    root = finished(runs, name)
+    return root, run(root, "dvc", "exp", "run", "-S", setting)
+
+
 @needs("reproduced")
 def new_lr(runs):
-    root = finished(runs, "new_lr")
-    return root, run(root, "dvc", "exp", "run", "-S", "train.lr=1e-4")
+    return exp_run(runs, "new_lr", "train.lr=1e-4")
 
 
 @needs("reproduced")
 def vgg16_image_size(runs):
-    root = finished(runs, "vgg16_image_size")
-    return run(root, "dvc", "exp", "run", "-S", "vgg16.image_size=48")
+    return exp_run(runs, "vgg16_image_size", "vgg16.image_size=48")[1]
 
 
 @needs("reproduced")
@@ -148,8 +152,7 @@ def flipped_test_images(runs):
 
 @needs("reproduced")
 def left_out(runs):
-    root = finished(runs, "left_out")
-    return root, run(root, "dvc", "exp", "run", "-S", "models={vgg16: false, inception: false}")
+    return exp_run(runs, "left_out", "models={vgg16: false, inception: false}")
 
 
 @needs("reproduced")
