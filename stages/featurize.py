@@ -3,14 +3,15 @@
 
 import sys
 
-from transfer_study.core.config import load_params, uses_features
+from transfer_study.core.config import load_params, stage_model, uses_features
 from transfer_study.core.markers import skip_featurize
 from transfer_study.core.stage import exit_on_user_error
 
 
 @exit_on_user_error
-def main(name):
+def main(argv):
     params = load_params()
+    name = stage_model(argv, params, "featurize")
     if name not in params.models or not uses_features(params.model(name)):
         skip_featurize(name)
         return
@@ -20,4 +21,4 @@ def main(name):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])

@@ -2,14 +2,15 @@
 
 import sys
 
-from transfer_study.core.config import load_params
+from transfer_study.core.config import load_params, stage_model
 from transfer_study.core.markers import skip_training
 from transfer_study.core.stage import exit_on_user_error
 
 
 @exit_on_user_error
-def main(name):
+def main(argv):
     params = load_params()
+    name = stage_model(argv, params, "train")
     if name not in params.models:
         skip_training(name)  # markers, without importing torch
         return
@@ -19,4 +20,4 @@ def main(name):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])

@@ -89,6 +89,9 @@ def test_model_train_section_overrides_only_that_model():
         ({"train": {"hflip": "yes"}}, "train.hflip: expected true or false"),
         ({"seed": -1}, "seed = -1: accepts an integer from 0 to 4294967295"),
         ({"train": {"warmup_epochs": 30}}, "train.warmup_epochs = 30.0: accepts a number >= 0 and"),
+        ({"train": {"max_epochs": 0}}, "train.max_epochs = 0: accepts an integer >= 1"),
+        ({"models": {"Bad-Name": True}}, "models: 'Bad-Name' is not a model name (lowercase"),
+        ({"train": {"lr": "x" * 10**6}}, "train.lr: expected a number, got 'xxxxxxxxxxxxx"),
         ({"train": {"label_smoothing": 1}}, "train.label_smoothing = 1.0: accepts a number in [0,"),
         ({"mlp": {"norm": "group"}}, "mlp.norm = 'group': accepts one of none, batch, layer"),
         ({"mlp": {"residual": 1}}, "mlp.residual: expected true or false, got 1"),
@@ -118,19 +121,69 @@ def test_missing_key_is_named(tmp_path):
         load_params(tmp_path / "params.yaml")
 
 
-def test_stage_prints_one_line_and_exits_2(tmp_path):
-    text = open(PARAMS).read().replace("  lr: 1e-3\n", "  lrr: 1e-3\n")
-    (tmp_path / "params.yaml").write_text(text)
+def alias_bomb(levels=12):
+    """A YAML flow list whose last item nests 9**levels ones by reference: a few hundred bytes
+    that PyYAML loads at once, and that a full repr would never finish."""
+    items = ["&a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    items += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return f"[{', '.join(items)}]"
+
+
+LRR = (
+    "error: unknown key 'train.lrr' (valid: optimizer, lr, momentum, weight_decay, l1, "
+    "scheduler, gamma, warmup_epochs, label_smoothing, batch_size, max_epochs, patience, "
+    "min_delta, hflip, crop, accelerator, devices, num_nodes, strategy, precision, compile, "
+    "deterministic, resume)"
+)
+
+
+@pytest.mark.parametrize(
+    "change, line",
+    [
+        (("  lr: 1e-3\n", "  lrr: 1e-3\n"), LRR),
+        (("  lr: 1e-3\n", f"  lr: {alias_bomb()}\n"), "error: train.lr: expected a number, got [["),
+        (
+            ("seed: 42", "seed: " + "7" * 5000),
+            "error: params.yaml is not valid YAML: an integer too long",
+        ),
+        (
+            ("seed: 42", "seed: '" + "x" * 50_000_000 + "'"),
+            "error: params.yaml is larger than 1 MiB",
+        ),
+        (
+            ("seed: 42", "seed: '" + "x" * 500_000 + "'"),
+            "error: seed: expected an integer, got 'xx",
+        ),
+        (("  lr: 1e-3\n", "  lr: [1e-3\n"), "error: params.yaml is not valid YAML: line "),
+        (("seed: 42", "seed: " + "[" * 100_000), "error: params.yaml is not valid YAML: lists or"),
+    ],
+    ids=["unknown-key", "alias-bomb", "huge-integer", "50-MB", "long-string", "syntax", "deep"],
+)
+def test_stage_prints_one_bounded_line_and_exits_2(tmp_path, change, line):
+    text = open(PARAMS).read()
+    assert change[0] in text
+    (tmp_path / "params.yaml").write_text(text.replace(*change, 1))
     result = subprocess.run(
-        [sys.executable, f"{REPO}/stages/download.py"], cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, f"{REPO}/stages/download.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,  # an unbounded repr of the alias bomb would not end
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "error: unknown key 'train.lrr' (valid: optimizer, lr, momentum, weight_decay, l1, "
-        "scheduler, gamma, warmup_epochs, label_smoothing, batch_size, max_epochs, patience, "
-        "min_delta, hflip, crop, accelerator, devices, num_nodes, strategy, precision, compile, "
-        "deterministic, resume)"
-    ]
+    (printed,) = result.stderr.strip().splitlines()
+    assert printed.startswith(line) and len(printed) <= max(len(LRR), 200)
+
+
+def test_a_yaml_error_keeps_its_line_and_column(tmp_path):
+    text = open(PARAMS).read().replace("  gamma: 0.95\n", "  gamma: [0.95\n")
+    (tmp_path / "params.yaml").write_text(text)
+    row = text.splitlines().index("  gamma: [0.95") + 1
+    with pytest.raises(ParamsError) as error:
+        load_params(tmp_path / "params.yaml")
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'params.yaml'} is not valid YAML: line ")
+    assert "\n" not in message and int(message.split("line ")[1].split(",")[0]) > row
 
 
 def test_a_model_without_stages_is_refused_before_anything_runs(tmp_path):
@@ -147,3 +200,33 @@ def test_a_model_without_stages_is_refused_before_anything_runs(tmp_path):
         load_params(tmp_path / "params.yaml")
     (tmp_path / "dvc.yaml").unlink()  # no pipeline beside the params: nothing to check
     assert "resnet18" in load_params(tmp_path / "params.yaml").models
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("train", [], "expected one model name: python stages/train.py MODEL, MODEL one of: mlp,"),
+        ("train", ["mlp", "vgg16"], "expected one model name"),
+        ("train", ["mlpp"], "'mlpp' is not a model with a train stage"),
+        ("train", ["../../x"], "'../../x' is not a model with a train stage"),
+        ("featurize", ["/tmp/features"], "'/tmp/features' is not a model with a featurize stage"),
+        ("featurize", ["mlp"], "'mlp' is not a model with a featurize stage"),
+    ],
+)
+def test_stage_scripts_take_only_a_model_with_that_stage(tmp_path, script, args, message):
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("params.yaml", "dvc.yaml"):
+        (project / name).write_text(open(f"{REPO}/{name}").read())
+    result = subprocess.run(
+        [sys.executable, f"{REPO}/stages/{script}.py", *args],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {message}")
+    # Nothing written, in the project or beside it.
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["dvc.yaml", "params.yaml", "project"]

@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import re
+import reprlib
 import types
 import typing
 
@@ -46,13 +47,29 @@ class ParamsError(UserError):
     """A key of params.yaml is missing, unknown, of the wrong type or out of range."""
 
 
+# Values and keys are echoed in a bounded form: a YAML alias bomb (a list nesting itself by
+# reference, billions of leaves) or a 50 MB string comes back in at most MAX_SHOWN characters.
+_BOUNDED = reprlib.Repr()
+_BOUNDED.maxlevel = 2
+_BOUNDED.maxlist = _BOUNDED.maxtuple = _BOUNDED.maxdict = _BOUNDED.maxset = 4
+_BOUNDED.maxstring = _BOUNDED.maxother = 40
+_BOUNDED.maxlong = 24
+MAX_SHOWN = 80  # characters
+
+
+def shown(value):
+    """`value` as a short repr, for an error line."""
+    text = _BOUNDED.repr(value)
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
+
+
 def parse_fields(cls, raw, where):
     if not isinstance(raw, dict):
-        raise ParamsError(f"{where}: expected a mapping, got {raw!r}")
+        raise ParamsError(f"{where}: expected a mapping, got {shown(raw)}")
     names = [field.name for field in dataclasses.fields(cls)]
     for key in raw:
         if key not in names:
-            raise ParamsError(f"unknown key '{where}.{key}' (valid: {', '.join(names)})")
+            raise ParamsError(f"unknown key {shown(f'{where}.{key}')} (valid: {', '.join(names)})")
     hints = typing.get_type_hints(cls)
     values = {}
     for name in names:
@@ -79,7 +96,7 @@ def coerce(kind, value, key):
         return coerce(last, value, key)
     if typing.get_origin(kind) is tuple:
         if not isinstance(value, list | tuple):
-            raise ParamsError(f"{key}: expected a list, got {value!r}")
+            raise ParamsError(f"{key}: expected a list, got {shown(value)}")
         return tuple(coerce(args[0], item, f"{key}[{i}]") for i, item in enumerate(value))
     if kind is float and isinstance(value, str):
         # PyYAML follows YAML 1.1, which reads `1e-4` (no dot) as the string '1e-4'.
@@ -90,15 +107,15 @@ def coerce(kind, value, key):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, bool):
-        raise ParamsError(f"{key}: expected an integer, got {value!r}")
+        raise ParamsError(f"{key}: expected an integer, got {shown(value)}")
     if not isinstance(value, kind):
-        raise ParamsError(f"{key}: expected {_KIND_NAMES[kind]}, got {value!r}")
+        raise ParamsError(f"{key}: expected {_KIND_NAMES[kind]}, got {shown(value)}")
     return value
 
 
 def _check(ok, key, value, accepts):
     if not ok:
-        raise ParamsError(f"{key} = {value!r}: accepts {accepts}")
+        raise ParamsError(f"{key} = {shown(value)}: accepts {accepts}")
 
 
 def _one_of(key, value, valid):
@@ -118,12 +135,6 @@ def check_train(train, where):
         _check(value >= 0, f"{where}.{name}", value, "a number >= 0")
     _check(0 < train.gamma <= 1, f"{where}.gamma", train.gamma, "a number in (0, 1]")
     _check(
-        0 <= train.warmup_epochs < train.max_epochs,
-        f"{where}.warmup_epochs",
-        train.warmup_epochs,
-        f"a number >= 0 and below max_epochs ({train.max_epochs})",
-    )
-    _check(
         0 <= train.label_smoothing < 1,
         f"{where}.label_smoothing",
         train.label_smoothing,
@@ -139,6 +150,13 @@ def check_train(train, where):
     ):
         value = getattr(train, name)
         _check(value >= low, f"{where}.{name}", value, f"an integer >= {low}")
+    # After max_epochs' own check: max_epochs = 0 is reported as itself, not as warm-up's bound.
+    _check(
+        0 <= train.warmup_epochs < train.max_epochs,
+        f"{where}.warmup_epochs",
+        train.warmup_epochs,
+        f"a number >= 0 and below max_epochs ({train.max_epochs})",
+    )
 
 
 def _validate_layers(section, where):

@@ -1,6 +1,7 @@
 """params.yaml parsed once into frozen dataclasses; a bad value stops with one line naming it
 (what each key accepts: checks.py)."""
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from transfer_study.core.checks import (
     check_train,
     coerce,
     parse_fields,
+    shown,
 )
+from transfer_study.core.stage import UserError
 
 
 @dataclass(frozen=True)
@@ -110,12 +113,40 @@ def uses_features(section):
     return isinstance(section, BackboneParams) and section.trainable_layers == 0
 
 
+MODEL_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # also names its stages and files
+MAX_PARAMS_BYTES = 1 << 20  # 1 MiB: params.yaml is a page of settings, not data
+
+
+def yaml_problem(error):
+    """A YAML parser's error in one line, keeping its position (line and column count from 1);
+    also for what the parser lets through: an integer Python will not convert, deep nesting."""
+    if isinstance(error, RecursionError):
+        return "lists or mappings nested too deep to read"
+    if isinstance(error, ValueError):  # Python converts integers of at most 4300 digits
+        return "an integer too long to read"
+    problem = getattr(error, "problem", None)
+    mark = getattr(error, "problem_mark", None)
+    if problem and mark:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return " ".join(str(problem or error).split()) or type(error).__name__
+
+
 def read_params(path="params.yaml"):
-    """params.yaml as YAML read it, not yet validated; unreadable: one line."""
+    """params.yaml as YAML read it, not yet validated; unreadable, too large or not YAML: one
+    line."""
     try:
-        return yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise ParamsError(f"cannot read {path}: {error}") from None
+        with open(path, "rb") as file:
+            data = file.read(MAX_PARAMS_BYTES + 1)
+    except OSError as error:
+        raise ParamsError(f"cannot read {path}: {error.strerror or error}") from None
+    if len(data) > MAX_PARAMS_BYTES:
+        raise ParamsError(f"{path} is larger than {MAX_PARAMS_BYTES >> 20} MiB; is it params.yaml?")
+    try:
+        return yaml.safe_load(data.decode("utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise ParamsError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as error:
+        raise ParamsError(f"{path} is not valid YAML: {yaml_problem(error)}") from None
 
 
 def load_params(path="params.yaml", overrides=None):
@@ -135,12 +166,12 @@ def parse_params(raw):
     for key in raw:
         if key not in COMMON_KEYS and key not in switches:
             raise ParamsError(
-                f"unknown key '{key}' (valid: {', '.join(COMMON_KEYS)}, or the section of a "
-                f"model listed in `models`: {', '.join(switches)})"
+                f"unknown key {shown(key)} (valid: {', '.join(COMMON_KEYS)}, or the section of "
+                f"a model listed in `models`: {shown(', '.join(switches))})"
             )
     for name in switches:
         if name not in raw:
-            raise ParamsError(f"models lists '{name}', which has no section in params.yaml")
+            raise ParamsError(f"models lists {shown(name)}, which has no section in params.yaml")
     shared_train = raw["train"]
     # The shared section first, so that its errors name `train.<key>`, not a model's copy.
     train = parse_fields(TrainParams, shared_train, "train")
@@ -149,7 +180,7 @@ def parse_params(raw):
     for name in switches:
         section = raw[name]
         if not isinstance(section, dict):
-            raise ParamsError(f"{name}: expected a mapping, got {section!r}")
+            raise ParamsError(f"{name}: expected a mapping, got {shown(section)}")
         # A model's own `train:` overrides the shared section, key by key.
         merged = {**section, "train": deep_merge(shared_train, section.get("train") or {})}
         sections[name] = parse_section(name, merged)
@@ -165,13 +196,22 @@ def parse_params(raw):
     return params
 
 
-def check_stages(params, dvc_yaml):
-    """Every model in the study has its stages in dvc.yaml: otherwise the pipeline would run to
-    evaluate and fail there, for want of a model file DVC never asked for."""
+def pipeline_stages(dvc_yaml):
+    """The stage names of dvc.yaml; None where there is no readable pipeline (a script's own
+    params, run outside the project)."""
     try:
         stages = yaml.safe_load(Path(dvc_yaml).read_text()).get("stages") or {}
     except (OSError, yaml.YAMLError, AttributeError):
-        return  # no pipeline here (a script's own params): nothing to check against
+        return None
+    return set(stages) if isinstance(stages, dict) else None
+
+
+def check_stages(params, dvc_yaml):
+    """Every model in the study has its stages in dvc.yaml: otherwise the pipeline would run to
+    evaluate and fail there, for want of a model file DVC never asked for."""
+    stages = pipeline_stages(dvc_yaml)
+    if stages is None:
+        return  # nothing to check against
     for name in params.models:
         needed = ["train"] if name == "mlp" else ["featurize", "train"]
         lacking = [f"{kind}_{name}" for kind in needed if f"{kind}_{name}" not in stages]
@@ -182,17 +222,38 @@ def check_stages(params, dvc_yaml):
             )
 
 
+def stage_model(argv, params, kind, dvc_yaml="dvc.yaml"):
+    """The one argument of the `kind` stage script (train, featurize): a model of params.yaml
+    (in the study or left out) whose `<kind>_<model>` stage dvc.yaml has. Anything else (no
+    argument, two, a typo, a path) is one line: the name becomes file names under the project."""
+    stages = pipeline_stages(dvc_yaml)
+    valid = [
+        name
+        for name in params.model_sections
+        if (kind != "featurize" or name != "mlp") and (stages is None or f"{kind}_{name}" in stages)
+    ]
+    usage = f"python stages/{kind}.py MODEL, MODEL one of: {', '.join(valid)}"
+    if len(argv) != 1:
+        raise UserError(f"expected one model name: {usage}")
+    if argv[0] not in valid:
+        raise UserError(f"{shown(argv[0])} is not a model with a {kind} stage: {usage}")
+    return argv[0]
+
+
 def _parse_models(raw):
     """`models`: model name -> true (in the study) or false. One leaf per model, so that each
     model's stages depend on its own switch alone."""
     if not isinstance(raw, dict) or not raw:
         raise ParamsError(
             f"models: expected a mapping of model name -> true or false (e.g. {{mlp: true, "
-            f"vgg16: false}}; on the command line -S models.vgg16=false), got {raw!r}"
+            f"vgg16: false}}; on the command line -S models.vgg16=false), got {shown(raw)}"
         )
     for name, on in raw.items():
-        if not isinstance(name, str) or name in COMMON_KEYS:
-            raise ParamsError(f"models: {name!r} is not a model name")
+        if not isinstance(name, str) or name in COMMON_KEYS or not MODEL_NAME.fullmatch(name):
+            raise ParamsError(
+                f"models: {shown(name)} is not a model name (lowercase letters, digits and _, "
+                "at most 64 characters, as torchvision's names)"
+            )
         coerce(bool, on, f"models.{name}")
     if not any(raw.values()):
         raise ParamsError("models: every model is false; set at least one to true")
