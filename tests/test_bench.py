@@ -23,6 +23,23 @@ def test_bench_prints_the_ratio_keys_last(capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
 
 
+@pytest.mark.parametrize("argv", [["--images", "x"], ["study", "-S", "x"], ["--bogus"]])
+def test_bad_arguments_are_answered_before_torch_is_imported(argv):
+    code = (
+        "import sys\n"
+        "from transfer_study.bench.__main__ import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "finally:\n"
+        "    print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2 and "error: " in result.stderr
+    assert result.stdout.strip() == "False"
+
+
 def study_timer(runs):
     """The study timer on a tiny study, by its command line: its exit status, stdout, stderr's
     end, and what its main() returned (written to stderr last by the wrapper below)."""
@@ -95,6 +112,11 @@ def test_study_timer_times_every_stage_then_only_what_a_change_reruns(study_time
         (["-S", "train.lr=-1"], "train.lr = -1.0: accepts a number > 0"),
         (["--archive", "/no/such.tar.gz"], "--archive /no/such.tar.gz: no such file"),
         (["--rerun", "train.lr=-1"], "train.lr = -1.0: accepts a number > 0"),
+        (["--rerun", "train.lr"], "--rerun 'train.lr': expected key=value, e.g. --rerun train.lr"),
+        (
+            ["-S", "seed=" + "9" * 50_000_000],
+            f"-S 'seed={'9' * 12}...{'9' * 18}': the value is not YAML (an integer too long",
+        ),
     ],
 )
 def test_study_timer_bad_input_is_one_line(argv, message, capsys):

@@ -7,7 +7,6 @@ Both paths run in one process on the same images, so the printed ratios hold on 
 noisy machine where absolute times do not. The last line is JSON with the ratios.
 """
 
-import argparse
 import json
 import tempfile
 import threading
@@ -22,6 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from transfer_study.core.stage import exit_on_user_error
 from transfer_study.data.splits import channel_stats
 from transfer_study.featurize import BATCH_SIZE, featurize, prepare_extractor
 from transfer_study.nn.backbones import backbone_spec, feature_extractor
@@ -271,22 +271,9 @@ def run_precision_check(args, names, count, device):
     return summary
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archive", help="CIFAR-10 python archive (default: random images)")
-    parser.add_argument("--quick", action="store_true", help="CPU-sized: 256 images, vgg16 only")
-    parser.add_argument("--images", type=int, help="images per run (default 256 quick, 4096)")
-    parser.add_argument("--backbones", nargs="+", help="default: vgg16 (quick), vgg16 inception")
-    parser.add_argument(
-        "--image-size", type=int, help="every backbone's input size (at least its minimum)"
-    )
-    parser.add_argument("--weights", default="none", help="none (default), imagenet or a path")
-    parser.add_argument(
-        "--precision-check",
-        action="store_true",
-        help="instead of timing: head test accuracy on bf16 vs fp32 features (needs --archive)",
-    )
-    args = parser.parse_args(argv)
+@exit_on_user_error
+def main(args):
+    """The benchmark, for arguments parsed by bench/__main__.py (before torch is imported)."""
     count = args.images or (256 if args.quick else 4096)
     names = args.backbones or (["vgg16"] if args.quick else ["vgg16", "inception"])
     device = default_device()

@@ -21,24 +21,33 @@ from pathlib import Path
 import yaml
 
 from transfer_study.core import paths, timing
-from transfer_study.core.config import check_stages, deep_merge, parse_params, read_params
+from transfer_study.core.checks import shown
+from transfer_study.core.config import (
+    check_stages,
+    deep_merge,
+    parse_params,
+    read_params,
+    yaml_problem,
+)
 from transfer_study.core.stage import UserError, exit_on_user_error
 
 COLUMNS = ("stage", "wall s", "fixed s", "work s", "images/s")
 
 
-def parse_assignment(text):
+def parse_assignment(text, option="-S"):
     """`a.b=value` as `dvc exp run -S` reads it (the value as YAML; a leading `++`, which adds a
-    key params.yaml lacks, changes nothing here) -> {"a": {"b": value}}."""
+    key params.yaml lacks, changes nothing here) -> {"a": {"b": value}}. `option` names the
+    command-line option it came from, in errors."""
     key, sep, value = text.partition("=")
     key = key.removeprefix("++")
     if not sep or not key:
-        raise UserError(f"-S {text!r}: expected key=value, e.g. -S train.lr=1e-4")
+        raise UserError(f"{option} {shown(text)}: expected key=value, e.g. {option} train.lr=1e-4")
     try:
         nested = yaml.safe_load(value)
-    except yaml.YAMLError as error:
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise UserError(f"-S {text!r}: the value is not YAML ({problem})") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as error:
+        raise UserError(
+            f"{option} {shown(text)}: the value is not YAML ({yaml_problem(error)})"
+        ) from None
     for part in reversed(key.split(".")):
         nested = {part: nested}
     return nested
@@ -225,7 +234,7 @@ def main(argv=None):
         )
     changes = {}
     for text in args.rerun:
-        changes = deep_merge(changes, parse_assignment(text))
+        changes = deep_merge(changes, parse_assignment(text, "--rerun"))
     project = args.project.resolve()
     if not (project / "dvc.yaml").is_file():
         raise UserError(
