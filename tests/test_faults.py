@@ -113,10 +113,24 @@ def test_resume_from_a_damaged_checkpoint_starts_over(workdir, archive, damage, 
     assert not sentinel.exists()
 
 
-def stage(workdir, *args):
-    env = {**os.environ, "PYTHONPATH": f"{REPO}/src"}
-    command = [sys.executable, f"{REPO}/stages/{args[0]}.py", *args[1:]]
-    return subprocess.Popen(command, cwd=workdir, env=env, stderr=subprocess.PIPE, text=True)
+@pytest.fixture
+def stage():
+    """Starts stage scripts in a project folder; any still running when the test ends, passed or
+    failed, is killed, so that a failure never leaves a training process behind."""
+    started = []
+
+    def start(workdir, *args):
+        env = {**os.environ, "PYTHONPATH": f"{REPO}/src"}
+        command = [sys.executable, f"{REPO}/stages/{args[0]}.py", *args[1:]]
+        process = subprocess.Popen(command, cwd=workdir, env=env, stderr=subprocess.PIPE, text=True)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def wait_for(condition, process, seconds=120):
@@ -137,7 +151,7 @@ def leftovers(workdir):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_interrupted_training_leaves_no_output(workdir, archive, signum):
+def test_interrupted_training_leaves_no_output(workdir, archive, signum, stage):
     long_run = {"max_epochs": 10_000, "patience": 10_000}
     write_params(workdir / "params.yaml", deep_merge(tiny_overrides(archive), {"train": long_run}))
     process = stage(workdir, "train", "mlp")
@@ -149,7 +163,7 @@ def test_interrupted_training_leaves_no_output(workdir, archive, signum):
     assert leftovers(workdir) == []
 
 
-def test_interrupted_featurize_leaves_no_output(workdir, archive):
+def test_interrupted_featurize_leaves_no_output(workdir, archive, stage):
     slow = {"vgg16": {"image_size": 224}}  # seconds per split on a CPU
     write_params(workdir / "params.yaml", deep_merge(tiny_overrides(archive), slow))
     process = stage(workdir, "featurize", "vgg16")
@@ -158,6 +172,78 @@ def test_interrupted_featurize_leaves_no_output(workdir, archive):
     assert process.wait(timeout=60) == 130
     assert "interrupted: no output of this stage was completed" in process.stderr.read()
     assert not paths.features_file("vgg16", "train").exists() and leftovers(workdir) == []
+
+
+class SwallowedSigint(pl.Callback):
+    """At Lightning hook `hook`, a SIGINT to this process whose KeyboardInterrupt is then lost,
+    as Python loses one raised inside a __del__ method or a garbage-collection callback."""
+
+    def __init__(self, hook):
+        self.step_at_signal = self.step_at_stop = None
+        setattr(self, hook, self.fire)
+
+    def fire(self, trainer, *args, **kwargs):
+        if self.step_at_signal is None:
+            self.step_at_signal = trainer.global_step
+            swallow_a_sigint()
+
+    def on_exception(self, trainer, module, exception):
+        self.step_at_stop = trainer.global_step
+
+
+def swallow_a_sigint():
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the handler raises in here
+    except KeyboardInterrupt:
+        return
+    raise AssertionError("SIGINT raised no KeyboardInterrupt")
+
+
+@pytest.fixture
+def stage_signals(monkeypatch):
+    """A stage's signal handling in this process, put back afterwards (pytest's own, and no stop
+    signal recorded)."""
+    monkeypatch.setattr("transfer_study.core.stage._stop_signal", None)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+@pytest.mark.parametrize(
+    "hook",  # set-up, an epoch, validation, a checkpoint write
+    ["on_fit_start", "on_train_batch_end", "on_validation_batch_end", "on_save_checkpoint"],
+)
+def test_a_lost_sigint_still_stops_training(workdir, archive, hook, stage_signals, capsys):
+    settings = {"max_epochs": 3, "patience": 3}
+    stage_main, lost = exit_on_user_error(train_model), SwallowedSigint(hook)
+    with pytest.raises(SystemExit) as exit_info:
+        stage_main("mlp", params(archive, train=settings), callbacks=[lost])
+    assert exit_info.value.code == 130
+    assert lost.step_at_stop == lost.step_at_signal  # not one optimizer step more
+    assert "interrupted: no output of this stage was completed" in capsys.readouterr().err
+    assert not any(output.exists() for output in train_outputs("mlp"))
+    assert leftovers(workdir) == []
+
+
+def test_a_lost_sigint_still_stops_featurizing(tmp_path, stage_signals, capsys):
+    batches = []
+
+    def extractor(batch):
+        if not batches:
+            swallow_a_sigint()
+        batches.append(len(batch))
+        return batch.float().flatten(1)
+
+    images = np.zeros((600, 3, 8, 8), dtype=np.uint8)  # many CPU batches
+    out = tmp_path / "features" / "train.npy"
+    stage_main = exit_on_user_error(featurize)
+    with pytest.raises(SystemExit) as exit_info:
+        stage_main(extractor, images, out, 192, torch.device("cpu"))
+    assert exit_info.value.code == 130 and len(batches) == 1  # stopped at the next batch
+    assert "interrupted" in capsys.readouterr().err
+    assert list(out.parent.iterdir()) == []
 
 
 def test_full_disk_leaves_no_partial_features(tmp_path, monkeypatch, capsys):

@@ -19,7 +19,7 @@ from transfer_study.core.config import deep_merge
 from transfer_study.core.stage import UserError
 from transfer_study.data.splits import load_split, make_splits, save_split
 from transfer_study.evaluate import evaluate_models, predict_logits
-from transfer_study.nn.build import build_net, load_trained
+from transfer_study.nn.build import build_net, check_trainable, load_trained
 from transfer_study.split import read_cifar10
 from transfer_study.train.fit import Classifier, train_model
 from transfer_study.train.optim import optimizer_class
@@ -178,6 +178,21 @@ def test_label_smoothing_reaches_the_train_loss_only(archive):
 def test_batch_larger_than_train_split_is_refused(workdir, archive):
     with pytest.raises(UserError, match="mlp.train.batch_size = 512 is larger than the train"):
         train_model("mlp", params(archive, train={"batch_size": 512}))
+
+
+def test_a_network_too_big_for_memory_is_refused_before_allocating(workdir, archive):
+    # 3,072 inputs x 10^8 units: 1.2 TB of float32 weights, which torch would try to allocate.
+    huge = {"mlp": {"hidden": [100_000_000]}}
+    with pytest.raises(UserError) as error:
+        train_model("mlp", params(archive, **huge))
+    assert str(error.value).startswith(
+        "mlp.hidden = [100000000]: a network of 308,300,000,010 parameters needs 4,594.0 GiB"
+    )
+    stats = {"shape": [3, 32, 32], "mean": [0.5] * 3, "std": [0.2] * 3}
+    head = params(archive, vgg16={"head": {"hidden": [10**9, 10]}}).model("vgg16")
+    with pytest.raises(UserError, match=r"vgg16.head.hidden = \[1000000000, 10\]: a network of"):
+        check_trainable("vgg16", head, 10, stats, 512, memory_bytes=2**30)
+    check_trainable("vgg16", params(archive).model("vgg16"), 10, stats, 512, memory_bytes=2**30)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from transfer_study.core import paths, timing
 from transfer_study.core.atomic import atomic_path, write_json
-from transfer_study.core.stage import UserError
+from transfer_study.core.stage import UserError, stop_if_signalled
 from transfer_study.data.splits import SPLITS, load_split
 from transfer_study.nn.backbones import backbone_spec, count_params, feature_extractor
 from transfer_study.nn.device import default_device, enable_fast_cuda, featurize_dtype
@@ -63,6 +63,7 @@ def featurize(
         first = 0
         timing.work_starts()
         while first < len(images):
+            stop_if_signalled()
             batch = source[first : first + batch_size].to(device, non_blocking=True)
             if flip:
                 batch = batch.flip(-1)

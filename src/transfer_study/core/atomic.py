@@ -5,6 +5,8 @@ import json
 import os
 from pathlib import Path
 
+from transfer_study.core.stage import stop_if_signalled
+
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -15,6 +17,7 @@ def atomic_path(path):
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         yield tmp
+        stop_if_signalled()  # a stop signal lost on its way out still keeps this output out
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

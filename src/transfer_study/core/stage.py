@@ -17,10 +17,24 @@ class UserError(Exception):
     """A problem with params, data or the environment that the user can fix."""
 
 
+_stop_signal = None  # the name of the signal that asked this stage to stop, once one has
+
+
 def _interrupt(signum, frame):
     # SIGTERM (a scheduler's kill, `kill PID`) unwinds like Ctrl+C: temporary files are removed
     # on the way out, and no output is renamed into place.
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    global _stop_signal
+    _stop_signal = signal.Signals(signum).name
+    raise KeyboardInterrupt(_stop_signal)
+
+
+def stop_if_signalled():
+    """Raise KeyboardInterrupt again if a SIGINT or SIGTERM came before. The first one can be
+    lost on its way out: Python only prints an exception raised inside a __del__ method or a
+    garbage-collection callback, and a library may catch it. Loops call this at every batch, so
+    a stage stops at the next one whatever swallowed the first."""
+    if _stop_signal is not None:
+        raise KeyboardInterrupt(_stop_signal)
 
 
 def _stop_when_orphaned():
@@ -46,10 +60,10 @@ def exit_on_user_error(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        signal.signal(signal.SIGTERM, _interrupt)
         # A job started in the background by a script inherits SIGINT ignored; `kill -INT`
         # should still stop it like Ctrl+C.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _interrupt)
         _stop_when_orphaned()
         timing.main_starts()
         try:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from transfer_study.core import paths
+from transfer_study.core.checks import shown
 from transfer_study.core.config import MlpParams, parse_saved_section, uses_features
 from transfer_study.core.markers import is_skipped
 from transfer_study.core.stage import UserError
@@ -21,6 +22,9 @@ from transfer_study.nn.backbones import (
 from transfer_study.nn.layers import Preprocess, mlp
 
 MAX_IMAGE_SIDE = 4096  # pixels; far above the size any dataset here is stored at
+# Training holds each parameter four times in float32: the weight, its gradient and Adam's two
+# moments (activations come on top).
+TRAINING_BYTES_PER_PARAM = 4 * 4
 
 
 def build_net(name, section, num_classes, stats, feature_dim=None, weights=None):
@@ -47,6 +51,24 @@ def build_net(name, section, num_classes, stats, feature_dim=None, weights=None)
     set_trainable_layers(name, extractor[1], section.trainable_layers)
     head = mlp(backbone_spec(name).feature_dim, *_layers(section.head, num_classes))
     return nn.Sequential(extractor, head)
+
+
+def check_trainable(name, section, num_classes, stats, feature_dim, memory_bytes):
+    """Refuse, before allocating anything, a network whose training state alone would not fit
+    in `memory_bytes` (the memory of the device it trains on), naming the key that sizes it."""
+    with torch.device("meta"):  # shapes only: a 10^8-unit layer costs nothing here
+        net = build_net(name, section, num_classes, stats, feature_dim, weights="none")
+    count = sum(p.numel() for p in net.parameters())
+    needed = count * TRAINING_BYTES_PER_PARAM
+    if needed > memory_bytes:
+        hidden = section.hidden if isinstance(section, MlpParams) else section.head.hidden
+        key = "mlp.hidden" if isinstance(section, MlpParams) else f"{name}.head.hidden"
+        raise UserError(
+            f"{key} = {shown(list(hidden))}: a network of {count:,} parameters needs "
+            f"{needed / 2**30:,.1f} GiB to train (weights, gradients, optimizer state), more "
+            f"than the {memory_bytes / 2**30:,.1f} GiB of memory it would train in; use fewer "
+            "or narrower layers"
+        )
 
 
 def _layers(section, num_classes):

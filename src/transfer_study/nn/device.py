@@ -1,5 +1,7 @@
 """Device choice and the CUDA speed settings shared by featurizing, training and evaluation."""
 
+import os
+
 import torch
 
 
@@ -41,3 +43,10 @@ def enable_fast_cuda():
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
+
+
+def memory_bytes(device):
+    """The memory a network trains in on `device`: the GPU's, or the host's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -19,13 +19,14 @@ from transfer_study.core.atomic import atomic_paths, json_text
 from transfer_study.core.config import MlpParams, uses_features
 from transfer_study.core.stage import UserError
 from transfer_study.nn.backbones import UnreadableTensors, count_params, load_tensors
-from transfer_study.nn.build import build_net, data_stats, load_inputs
-from transfer_study.nn.device import enable_fast_cuda
+from transfer_study.nn.build import build_net, check_trainable, data_stats, load_inputs
+from transfer_study.nn.device import enable_fast_cuda, memory_bytes
 from transfer_study.train.live import LiveProgress
 from transfer_study.train.loaders import InMemoryData, data_device, trains_on_gpu
 from transfer_study.train.module import Classifier
 from transfer_study.train.optim import param_groups
 from transfer_study.train.resume import checkpoint_folder, epoch_history, run_key_of
+from transfer_study.train.stop import StopOnSignal
 
 # Tensors already in memory need no loader workers; Lightning's hint says otherwise.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -81,7 +82,11 @@ def train_model(name, params, callbacks=()):
     features = uses_features(section)
     feature_meta = json.loads(paths.features_meta(name).read_text()) if features else {}
     stats = data_stats(train_data.images)
-    net = build_net(name, section, len(classes), stats, feature_meta.get("feature_dim"))
+    feature_dim = feature_meta.get("feature_dim")
+    on_gpu = trains_on_gpu(train)
+    memory = memory_bytes(torch.device("cuda" if on_gpu else "cpu"))
+    check_trainable(name, section, len(classes), stats, feature_dim, memory)
+    net = build_net(name, section, len(classes), stats, feature_dim)
     if not features and not isinstance(section, MlpParams):
         # A backbone fine-tuned from pixels: convolutions in NHWC, the layout GPU tensor cores
         # (and oneDNN on CPUs) run fastest; its 2-D weights and the saved values are unchanged.
@@ -94,7 +99,7 @@ def train_model(name, params, callbacks=()):
     if features and train.hflip:
         train_split += (_flipped_features(name),)
     device = data_device(train, sum(x.nbytes for x in (*train_split, val_x)))
-    pin = device is None and trains_on_gpu(train)  # host tensors bound for a GPU
+    pin = device is None and on_gpu  # host tensors bound for a GPU
     data = InMemoryData(train_split, (val_x, val_y), train.batch_size, params.seed, pin, device)
 
     run_key = run_key_of(section, params.seed, (*train_split, val_x, val_y))
@@ -128,7 +133,7 @@ def train_model(name, params, callbacks=()):
         "section": dataclasses.asdict(section),
         "classes": list(classes),
         "data": stats,
-        "feature_dim": feature_meta.get("feature_dim"),
+        "feature_dim": feature_dim,
         "seed": params.seed,
     }
     kept = history.loc[history["val_loss"].idxmin()]  # the epoch ModelCheckpoint kept
@@ -181,7 +186,7 @@ def _trainer(train, checkpoints, callbacks):
         use_distributed_sampler=False,  # InMemoryData shards by rank itself
         precision=resolve_precision(train),
         deterministic=train.deterministic,
-        callbacks=[best, stop, *callbacks],
+        callbacks=[StopOnSignal(), best, stop, *callbacks],
         # One log folder per attempt: Lightning's CSV logger empties its folder when it starts.
         logger=CSVLogger(checkpoints, name="logs"),
         default_root_dir=checkpoints,
