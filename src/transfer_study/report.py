@@ -1,10 +1,13 @@
 """The study's report: table, cost, learning curves, per-class accuracy, confusions, mistakes."""
 
 import json
+import sys
+import warnings
 
 import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib import font_manager
 from matplotlib.figure import Figure  # no pyplot: no global state, no display backend
 from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
 
@@ -16,8 +19,19 @@ GRID = (4, 6)  # rows x columns of misclassified test images per model
 
 
 def _save(fig, path):
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        # One per character and figure otherwise; write_report says it once (missing_glyphs).
+        warnings.filterwarnings("ignore", "Glyph .* missing from font", UserWarning)
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
+
+
+def missing_glyphs(names):
+    """The characters of `names` (class names of a folder dataset: any script, emoji) that the
+    figures' font cannot draw: they show as boxes."""
+    font = font_manager.get_font(font_manager.findfont(font_manager.FontProperties()))
+    return sorted(
+        {c for name in names for c in name if c.isprintable() and not font.get_char_index(ord(c))}
+    )
 
 
 def learning_curves(histories, path):
@@ -185,6 +199,12 @@ def write_report(models, out_dir=paths.REPORT_DIR):
     for the models in `models`."""
     evaluation = json.loads(paths.EVALUATE_METRICS.read_text())
     test = load_split(paths.split_file("test"))
+    if missing := missing_glyphs(test.classes):
+        print(
+            f"report: the figures' font has no glyph for {' '.join(missing[:20])} (class names):"
+            " they show as boxes in the figures; report.md and the CSVs keep them",
+            file=sys.stderr,
+        )
     figures = out_dir / paths.FIGURES_DIR.relative_to(paths.REPORT_DIR)
     rows, histories, predictions, seconds = [], {}, {}, {}
     for name in models:
