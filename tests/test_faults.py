@@ -175,8 +175,7 @@ def test_interrupted_featurize_leaves_no_output(workdir, archive, stage):
 
 
 class SwallowedSigint(pl.Callback):
-    """At Lightning hook `hook`, a SIGINT to this process whose KeyboardInterrupt is then lost,
-    as Python loses one raised inside a __del__ method or a garbage-collection callback."""
+    """At Lightning hook `hook`, a SIGINT to this process whose KeyboardInterrupt is lost."""
 
     def __init__(self, hook):
         self.step_at_signal = self.step_at_stop = None
@@ -191,13 +190,16 @@ class SwallowedSigint(pl.Callback):
         self.step_at_stop = trainer.global_step
 
 
-def swallow_a_sigint():
-    try:
+class SignalledInFinalizer:
+    def __del__(self):
         os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(5)  # the handler raises in here
-    except KeyboardInterrupt:
-        return
-    raise AssertionError("SIGINT raised no KeyboardInterrupt")
+        time.sleep(5)  # the handler raises in here, and Python only prints it: lost
+
+
+def swallow_a_sigint():
+    """A SIGINT that arrives while a finalizer runs (as a file object's, closed by the garbage
+    collector in a checkpoint write): its KeyboardInterrupt never reaches the stage."""
+    SignalledInFinalizer()  # collected at once
 
 
 @pytest.fixture
