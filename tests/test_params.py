@@ -90,6 +90,8 @@ def test_model_train_section_overrides_only_that_model():
         ({"seed": -1}, "seed = -1: accepts an integer from 0 to 4294967295"),
         ({"train": {"warmup_epochs": 30}}, "train.warmup_epochs = 30.0: accepts a number >= 0 and"),
         ({"train": {"max_epochs": 0}}, "train.max_epochs = 0: accepts an integer >= 1"),
+        ({"train": {"per_class": 0}}, "train.per_class = 0: accepts null (every train image) or"),
+        ({"lite0": {"train": {"per_class": "few"}}}, "lite0.train.per_class: expected an integer"),
         ({"models": {"Bad-Name": True}}, "models: 'Bad-Name' is not a model name (lowercase"),
         ({"train": {"lr": "x" * 10**6}}, "train.lr: expected a number, got 'xxxxxxxxxxxxx"),
         ({"train": {"label_smoothing": 1}}, "train.label_smoothing = 1.0: accepts a number in [0,"),
@@ -131,9 +133,9 @@ def alias_bomb(levels=12):
 
 LRR = (
     "error: unknown key 'train.lrr' (valid: optimizer, lr, momentum, weight_decay, l1, "
-    "scheduler, gamma, warmup_epochs, label_smoothing, batch_size, max_epochs, patience, "
-    "min_delta, hflip, crop, accelerator, devices, num_nodes, strategy, precision, compile, "
-    "deterministic, resume)"
+    "scheduler, gamma, warmup_epochs, label_smoothing, per_class, batch_size, max_epochs, "
+    "patience, min_delta, hflip, crop, accelerator, devices, num_nodes, strategy, precision, "
+    "compile, deterministic, resume)"
 )
 
 

@@ -206,20 +206,40 @@ def queued_grid(runs):
         *("-S", "models={vgg16: false, inception: false, lite0: false}"),
         *("-S", "train.lr=1e-3,1e-1"),
     )
-    run(clone, "dvc", "queue", "start")
+    status, logs = run_queue(clone)
+    return status, logs, json.loads(run(clone, "dvc", "exp", "show", "--json"))
+
+
+def run_queue(root):
+    """`dvc queue start`, then wait until every queued experiment ended: (`dvc queue status`,
+    the logs of those that failed)."""
+    run(root, "dvc", "queue", "start")
     deadline = time.monotonic() + 600
-    while re.search(r"\b(Queued|Running)\b", status := run(clone, "dvc", "queue", "status")):
+    while re.search(r"\b(Queued|Running)\b", status := run(root, "dvc", "queue", "status")):
         assert time.monotonic() < deadline, status
         time.sleep(2)
     failed = re.findall(r"^\w+\s+(\S+)\s.*\bFailed\b", status, flags=re.M)
-    logs = "".join(run(clone, "dvc", "queue", "logs", n) for n in failed)
-    return status, logs, json.loads(run(clone, "dvc", "exp", "show", "--json"))
+    return status, "".join(run(root, "dvc", "queue", "logs", n) for n in failed)
+
+
+@needs("reproduced")
+def per_class_grid(runs):
+    """A queued grid over train.per_class from the reproduced study: `dvc queue status`, failed
+    logs, each experiment's log, and `dvc plots diff --json` over the experiments."""
+    root = finished(runs, "per_class_grid")
+    run(root, "dvc", "exp", "run", "--queue", "-S", "train.per_class=3,5")
+    status, failed = run_queue(root)
+    names = re.findall(r"^\w+\s+(\S+)\s.*\bSuccess\b", status, flags=re.M)
+    logs = {name: run(root, "dvc", "queue", "logs", name) for name in names}
+    plots = json.loads(run(root, "dvc", "plots", "diff", "--json", *names))
+    return status, failed, logs, plots
 
 
 RUNS = [  # each one's name is the fixture of its result
     reproduced,
     queued_grid,  # from the committed study: it runs beside `reproduced`
     new_lr,  # the longest first, of those that wait for `reproduced`
+    per_class_grid,
     interrupted_then_mlp_change,
     vgg16_image_size,
     left_out,
@@ -388,3 +408,18 @@ def test_queued_grid_runs_from_a_fresh_clone_with_a_relative_data_url(queued_gri
             results[lr] = data["metrics"]["metrics/evaluate.json"]["data"]["mlp"]
     assert set(results) == {0.001, 0.1}
     assert results[0.001] != results[0.1]
+
+
+def test_a_per_class_grid_trains_only_and_its_plots_diff_is_the_curve(per_class_grid):
+    status, failed, logs, plots = per_class_grid
+    assert failed == "" and len(logs) == 2, status + failed
+    # Cached features serve every size: the experiments train, evaluate and report, no more.
+    for log in logs.values():
+        assert set(stages_run(log)) == {f"train_{m}" for m in DECLARED} | {"evaluate", "report"}
+    # `dvc plots diff` of the grid is the curve: one chart, a point per model and experiment.
+    (curve,) = plots["data"]["Test accuracy against labeled train images per class"]
+    assert sorted(curve["revisions"]) == sorted(logs) and "facet" not in curve["content"]
+    points = curve["content"]["data"]["values"]
+    assert {(p["model"], p["labeled_per_class"]) for p in points} == {
+        (m, n) for m in MODELS for n in ("3", "5")
+    }

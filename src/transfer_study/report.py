@@ -137,11 +137,12 @@ def cost_plot(cost, path):
     _save(fig, path)
 
 
-def study_tables(seconds, evaluation, histories, predictions, classes):
+def study_tables(seconds, labeled, evaluation, histories, predictions, classes):
     """The data of the study's plots, one row per model (and epoch, split or class), for
     `dvc plots`: curves (model, split, epoch, accuracy, loss), cost (model, seconds,
-    test_accuracy) and per-class accuracy (model, class, accuracy). `seconds`: model -> compute
-    seconds, in report order; `classes`, in label order (per-class rows follow it)."""
+    labeled_per_class, test_accuracy) and per-class accuracy (model, class, accuracy).
+    `seconds`: model -> compute seconds, in report order; `labeled`: model -> labeled train
+    images per class; `classes`, in label order (per-class rows follow it)."""
     curves = pd.concat(
         [
             pd.DataFrame(
@@ -162,6 +163,7 @@ def study_tables(seconds, evaluation, histories, predictions, classes):
         {
             "model": list(seconds),
             "seconds": [round(s, 2) for s in seconds.values()],
+            "labeled_per_class": [labeled[m] for m in seconds],
             "test_accuracy": [evaluation[m]["test_accuracy"] for m in seconds],
         }
     )
@@ -206,7 +208,7 @@ def write_report(models, out_dir=paths.REPORT_DIR):
             file=sys.stderr,
         )
     figures = out_dir / paths.FIGURES_DIR.relative_to(paths.REPORT_DIR)
-    rows, histories, predictions, seconds = [], {}, {}, {}
+    rows, histories, predictions, seconds, labeled = [], {}, {}, {}, {}
     for name in models:
         train = json.loads(paths.train_metrics(name).read_text())
         histories[name] = pd.read_csv(paths.history_file(name))
@@ -215,6 +217,8 @@ def write_report(models, out_dir=paths.REPORT_DIR):
             paths.predictions_file(name), dtype={"actual": str, "predicted": str}
         )
         seconds[name] = compute_seconds(name, train)
+        # train.per_class, or the split's mean (all of CIFAR-10's 40,500: 4,050)
+        labeled[name] = train["per_class"] or round(train["train_images"] / len(test.classes), 1)
         confusion_plot(name, predictions[name], test.classes, figures / f"confusion_{name}.png")
         misclassified_grid(
             name, predictions[name], test.images, figures / f"misclassified_{name}.png"
@@ -223,6 +227,7 @@ def write_report(models, out_dir=paths.REPORT_DIR):
             {
                 "model": name,
                 "test accuracy": f"{evaluation[name]['test_accuracy']:.2%}",
+                "labeled per class": f"{labeled[name]:,}",
                 "compute (s)": f"{seconds[name]:.1f}",
                 # The kept epoch's, as in its DVCLive summary.
                 "val accuracy": f"{_kept(histories[name], train)['val_acc']:.2%}",
@@ -232,7 +237,7 @@ def write_report(models, out_dir=paths.REPORT_DIR):
                 "total params": f"{train['total_params']:,}",
             }
         )
-    tables = study_tables(seconds, evaluation, histories, predictions, test.classes)
+    tables = study_tables(seconds, labeled, evaluation, histories, predictions, test.classes)
     for table_name, table in tables.items():
         with atomic_path(out_dir / f"{table_name}.csv") as tmp:
             table.to_csv(tmp, index=False)

@@ -150,6 +150,12 @@ def check_train(train, where):
     ):
         value = getattr(train, name)
         _check(value >= low, f"{where}.{name}", value, f"an integer >= {low}")
+    _check(
+        train.per_class is None or train.per_class >= 1,
+        f"{where}.per_class",
+        train.per_class,
+        "null (every train image) or an integer >= 1: labeled train images of each class",
+    )
     # After max_epochs' own check: max_epochs = 0 is reported as itself, not as warm-up's bound.
     _check(
         0 <= train.warmup_epochs < train.max_epochs,

@@ -43,6 +43,8 @@ class TrainParams:
     gamma: float
     warmup_epochs: float  # lr rises linearly from ~0 over these epochs, then follows `scheduler`
     label_smoothing: float  # share of each train target spread over the other classes
+    # Labeled train images drawn of each class (seeded, nested: 10 lie inside 100); None = all
+    per_class: int | None
     batch_size: int
     max_epochs: int
     patience: int  # epochs without val_loss improvement before stopping
@@ -266,8 +268,8 @@ def parse_section(name, raw):
 
 
 # Keys added since model files were first written, with the value that matches a model saved
-# before them (no warm-up, no smoothing, a plain MLP): such a file still loads.
-ADDED_KEYS = {"train": {"warmup_epochs": 0, "label_smoothing": 0.0}}
+# before them (no warm-up, no smoothing, every train image, a plain MLP): such a file still loads.
+ADDED_KEYS = {"train": {"warmup_epochs": 0, "label_smoothing": 0.0, "per_class": None}}
 ADDED_MLP_KEYS = {"norm": "none", "residual": False}
 
 

@@ -87,6 +87,21 @@ def _check_every_class(name, split, classes):
         )
 
 
+def draw_per_class(labels, classes, per_class, seed, key):
+    """Sorted indices of `per_class` items of each class, seeded and nested: each class's items
+    are put in one random order by `seed` (whatever `per_class`), and the first `per_class`
+    taken, so that the draw of 10 lies inside the draw of 100. `key` names the param."""
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(labels == label) for label in range(len(classes))]
+    fewest = min(range(len(classes)), key=lambda label: len(members[label]))
+    if per_class > len(members[fewest]):
+        raise UserError(
+            f"{key} = {per_class}: class {classes[fewest]!r} has {len(members[fewest])} train "
+            f"images; use at most {len(members[fewest])}, or null for every image"
+        )
+    return np.sort(np.concatenate([rng.permutation(m)[:per_class] for m in members]))
+
+
 def channel_stats(images):
     """(mean, std) per channel of uint8 N x C x H x W images, on the 0-1 scale."""
     channels = [images[:, c].astype(np.float64) / 255 for c in range(images.shape[1])]

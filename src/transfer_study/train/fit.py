@@ -18,6 +18,7 @@ from transfer_study.core import paths
 from transfer_study.core.atomic import atomic_paths, json_text
 from transfer_study.core.config import MlpParams, uses_features
 from transfer_study.core.stage import UserError
+from transfer_study.data.splits import draw_per_class
 from transfer_study.nn.backbones import UnreadableTensors, count_params, load_tensors
 from transfer_study.nn.build import build_net, check_trainable, data_stats, load_inputs
 from transfer_study.nn.device import enable_fast_cuda, memory_bytes
@@ -27,6 +28,8 @@ from transfer_study.train.module import Classifier
 from transfer_study.train.optim import param_groups
 from transfer_study.train.resume import checkpoint_folder, epoch_history, run_key_of
 from transfer_study.train.stop import StopOnSignal
+
+MIN_EPOCH_IMAGES = 4096  # images an epoch passes over at the least, with train.per_class
 
 # Tensors already in memory need no loader workers; Lightning's hint says otherwise.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -74,14 +77,20 @@ def train_model(name, params, callbacks=()):
     train_x, train_data = load_inputs(name, section, "train")
     val_x, val_data = load_inputs(name, section, "val")
     train_y, val_y, classes = train_data.labels, val_data.labels, train_data.classes
-    if train.batch_size > len(train_y):
+    drawn, labeled, batch_size = None, train_data.images, train.batch_size
+    if train.per_class is not None:
+        key = f"{name}.train.per_class"
+        drawn = draw_per_class(train_y, classes, train.per_class, params.seed, key)
+        labeled = train_data.images[drawn]
+        batch_size = min(batch_size, len(drawn))  # 10 images of 10 classes: batches of 100
+    elif train.batch_size > len(train_y):
         raise UserError(
             f"{name}.train.batch_size = {train.batch_size} is larger than the train split "
             f"({len(train_y)} images); lower it or raise data.train_size"
         )
     features = uses_features(section)
     feature_meta = json.loads(paths.features_meta(name).read_text()) if features else {}
-    stats = data_stats(train_data.images)
+    stats = data_stats(labeled)  # of the labeled images only
     feature_dim = feature_meta.get("feature_dim")
     on_gpu = trains_on_gpu(train)
     memory = memory_bytes(torch.device("cuda" if on_gpu else "cpu"))
@@ -98,9 +107,15 @@ def train_model(name, params, callbacks=()):
     train_split = (train_x, train_y)
     if features and train.hflip:
         train_split += (_flipped_features(name),)
+    if train.per_class is not None:
+        # A small draw is passed over several times an epoch (an epoch is at least
+        # MIN_EPOCH_IMAGES images), so that max_epochs and patience count comparable optimizer
+        # steps at every size.
+        chosen = np.tile(drawn, -(-MIN_EPOCH_IMAGES // len(drawn)))
+        train_split = tuple(array[chosen] for array in train_split)
     device = data_device(train, sum(x.nbytes for x in (*train_split, val_x)))
     pin = device is None and on_gpu  # host tensors bound for a GPU
-    data = InMemoryData(train_split, (val_x, val_y), train.batch_size, params.seed, pin, device)
+    data = InMemoryData(train_split, (val_x, val_y), batch_size, params.seed, pin, device)
 
     run_key = run_key_of(section, params.seed, (*train_split, val_x, val_y))
     checkpoints, resume_from = checkpoint_folder(name, run_key, train.resume)
@@ -148,7 +163,9 @@ def train_model(name, params, callbacks=()):
         "total_params": count_params(net) + feature_meta.get("backbone_params", 0),
         "lr": train.lr,
         "optimizer": train.optimizer,
-        "batch_size": train.batch_size,
+        "batch_size": batch_size,
+        "train_images": len(labeled),  # labeled: train.per_class of each class, or the split
+        "per_class": train.per_class,
         "precision": resolve_precision(train),
         "device": _device_name(trainer),
         "versions": {
