@@ -68,11 +68,17 @@ def test_reader_names_missing_members(tmp_path):
         read_cifar10(path)
 
 
-def test_reader_refuses_a_non_archive(tmp_path):
+def test_reader_refuses_a_non_archive_or_a_cut_one_in_one_line(tmp_path):
     path = tmp_path / "a.tar.gz"
     path.write_bytes(b"<html>not found</html>")
-    with pytest.raises(UserError, match="not a readable tar archive"):
+    with pytest.raises(UserError) as refused:
         read_cifar10(path)
+    assert str(refused.value) == f"{path} is not a tar archive (plain, gzip, bz2 or xz)"
+    whole = write_cifar_archive(tmp_path / "whole.tar.gz").read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UserError, match="not a readable tar archive") as refused:
+        read_cifar10(path)
+    assert "\n" not in str(refused.value)
 
 
 def test_stratified_sample_keeps_class_shares():

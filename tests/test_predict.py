@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,6 +116,53 @@ def test_a_folder_with_a_bad_file_classifies_the_rest_and_fails(study):
         assert row["class_1"] in CLASSES
         probabilities = [float(row[f"probability_{k}"]) for k in (1, 2, 3)]
         assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.001
+
+
+@pytest.mark.parametrize("form", ["text", "csv", "json"])
+def test_any_file_name_prints_and_folders_are_listed_as_split_lists_them(study, form):
+    folder = study.root / "images"
+    (folder / ".ipynb_checkpoints").mkdir(parents=True)
+    (image,), _ = save_test_images(folder, count=1)
+    odd = Path(os.fsdecode(bytes(folder) + b"/caf\xe9.png"))  # Latin-1 bytes: not UTF-8
+    shutil.copy(image, odd)
+    shutil.copy(image, folder / ".ipynb_checkpoints" / "test0-checkpoint.png")
+    (folder / "._test0.png").write_bytes(b"\0\5\26\7 macOS resource fork, not a PNG")
+    (folder / "linked").symlink_to(study.root / paths.SPLIT_DIR)
+    result = subprocess.run(
+        [sys.executable, "-m", "transfer_study", "predict", "--model", "mlp", "--format", form]
+        + [str(folder)],
+        cwd=study.root,
+        env={**os.environ, "PYTHONPATH": f"{REPO}/src", "PYTHONIOENCODING": "utf-8:strict"},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: {folder / 'linked'}: a link to a folder, not followed",
+        "1 of 3 inputs failed",
+    ]
+    shown = [f"{folder}/caf\\xe9.png", str(image)]  # the odd byte escaped; hidden ones left out
+    if form == "json":
+        printed = [json.loads(line)["path"] for line in result.stdout.splitlines()]
+    elif form == "csv":
+        printed = [row["path"] for row in csv.DictReader(io.StringIO(result.stdout))]
+    else:
+        printed = [line for line in result.stdout.splitlines() if not line.startswith(" ")]
+    assert printed == shown
+
+
+def test_a_photo_is_classified_upright_by_its_exif_orientation(study):
+    (image,), _ = save_test_images(study.root, count=1)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # Orientation: the stored pixels are to be turned 90 degrees anticlockwise
+    with Image.open(image) as upright:
+        upright.transpose(Image.Transpose.ROTATE_270).save(study.root / "phone.png", exif=exif)
+        upright.transpose(Image.Transpose.ROTATE_270).save(study.root / "sideways.png")
+    (_, as_is, _), (_, phone, _), (_, sideways, _) = predict_files(
+        "mlp", [image, study.root / "phone.png", study.root / "sideways.png"], top=10
+    )
+    assert dict(phone) == pytest.approx(dict(as_is))  # every class's probability
+    assert dict(sideways) != pytest.approx(dict(as_is), abs=1e-3)  # what was read before
 
 
 def test_json_lines_and_batches_match_one_image_at_a_time(study):

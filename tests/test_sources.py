@@ -131,6 +131,75 @@ def test_folder_with_train_and_test_subfolders(tmp_path):
     assert sorted(set(test.labels.tolist())) == [0, 2]  # test keeps train's class indices
 
 
+def test_folder_reader_recurses_and_leaves_hidden_entries_out(tmp_path):
+    root = write_folder(tmp_path / "imgs")
+    (root / "dog" / "2024" / "may").mkdir(parents=True)
+    (root / "dog" / "0.png").rename(root / "dog" / "2024" / "may" / "0.png")  # still a dog
+    (root / ".ipynb_checkpoints" / "x").mkdir(parents=True)  # not a class
+    (root / ".ipynb_checkpoints" / "x" / "0.png").write_bytes((root / "cat" / "0.png").read_bytes())
+    (root / "cat" / ".ipynb_checkpoints").mkdir()
+    (root / "cat" / ".ipynb_checkpoints" / "1-checkpoint.png").write_bytes(b"a stale copy")
+    (root / "cat" / "._0.png").write_bytes(b"\0\5\26\7 macOS resource fork, not a PNG")
+    (root / "cat" / ".DS_Store").write_bytes(b"Bud1")
+    (tmp_path / "elsewhere.png").write_bytes((root / "frog" / "0.png").read_bytes())
+    (root / "frog" / "linked.png").symlink_to(tmp_path / "elsewhere.png")  # DVC hashes it
+    train, _, skipped = read_folder(root, 16)
+    assert train.classes == ("cat", "dog", "frog") and skipped == []
+    assert np.bincount(train.labels).tolist() == [6, 6, 7]
+
+
+@pytest.mark.parametrize("where", ["class", "below a class", "train"])
+def test_a_linked_folder_dvc_would_not_hash_is_refused(tmp_path, where):
+    root = tmp_path / "imgs"
+    outside = write_folder(tmp_path / "outside")
+    if where == "train":
+        (root).mkdir()
+        (root / "train").symlink_to(outside)
+        linked = root / "train"
+    else:
+        write_folder(root, classes=("cat", "dog"))
+        linked = root / "frog" if where == "class" else root / "cat" / "more"
+        linked.symlink_to(outside / "frog")
+    with pytest.raises(UserError) as refused:
+        read_folder(root, 16)
+    assert str(refused.value) == (
+        f"{linked} is a link to a folder, which DVC does not look into (a change there would "
+        "not rerun split); copy the folder into data.path instead (links to image files are fine)"
+    )
+
+
+def test_images_are_turned_upright_by_their_exif_orientation(tmp_path):
+    upright = np.zeros((20, 30, 3), np.uint8)  # 30 wide, 20 high: left half red, right blue
+    upright[:, :15, 0], upright[:, 15:, 2] = 255, 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the stored pixels are to be turned 90 degrees clockwise
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # 20 wide, 30 high
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    stored.save(tmp_path / "imgs" / "a" / "phone.png", exif=exif)
+    Image.fromarray(upright).save(tmp_path / "imgs" / "a" / "plain.png")
+    write_folder(tmp_path / "imgs", classes=("b",))
+    train, _, _ = read_folder(tmp_path / "imgs", 16)
+    phone, plain = train.images[:2]  # sorted: phone.png, plain.png
+    assert np.array_equal(phone, plain)
+    assert phone[0, :, :8].min() > 200 and phone[2, :, 8:].min() > 200  # red left, blue right
+
+
+@pytest.mark.parametrize("pixels", [1_500, 2_500])  # over PIL's warning limit; over its error
+def test_a_decompression_bomb_is_one_line_and_no_warning(tmp_path, monkeypatch, recwarn, pixels):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)  # PIL warns above it, fails above 2x
+    root = write_folder(tmp_path / "imgs", per_class=2)
+    Image.new("RGB", (pixels // 10, 10)).save(root / "cat" / "big.png")
+    with pytest.raises(UserError) as refused:
+        read_folder(root, 16)
+    assert str(refused.value) == (
+        f"cannot read image {root / 'cat' / 'big.png'} (more than 1,000 pixels, refused as a "
+        "possible decompression bomb); remove it or set data.bad_images: skip"
+    )
+    train, _, skipped = read_folder(root, 16, bad_images="skip")
+    assert skipped == [str(root / "cat" / "big.png")] and len(train.labels) == 6
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
 def test_folder_class_without_images_is_named(tmp_path):
     root = write_folder(tmp_path / "imgs")
     (root / "empty").mkdir()

@@ -14,6 +14,12 @@ from transfer_study.predict import image_files, predict_files
 PROGRESS_FROM = 300  # images; fewer finish before a progress bar would say anything
 
 
+def _shown(path):
+    """A path as printable text: bytes of a file name that are not UTF-8 shown escaped (\\xff),
+    so a strict UTF-8 stdout (PYTHONIOENCODING=utf-8:strict) can always print it."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _writer(form):
     """A function that prints one image's result (path, [(class, probability), ...]) as `form`."""
     if form == "csv":
@@ -27,21 +33,21 @@ def _writer(form):
                 columns = (f"{kind}_{r}" for r in ranks for kind in ("class", "probability"))
                 table.writerow(["path", *columns])
                 header_written = True
-            table.writerow([path, *(x for name, p in ranked for x in (name, f"{p:.4f}"))])
+            table.writerow([_shown(path), *(x for name, p in ranked for x in (name, f"{p:.4f}"))])
 
         return row
     if form == "json":  # JSON Lines: one object per image, readable as the results stream in
         return lambda path, ranked: print(
             json.dumps(
                 {
-                    "path": str(path),
+                    "path": _shown(path),
                     "top": [{"class": c, "probability": round(p, 4)} for c, p in ranked],
                 }
             )
         )
 
     def text(path, ranked):
-        print(path)
+        print(_shown(path))
         for name, probability in ranked:
             print(f"  {name:<12} {probability:.3f}")
 
@@ -75,7 +81,7 @@ def _main(argv):
         parser.error("--top must be at least 1")
     files, problems = image_files(args.images)
     for path, why in problems:
-        print(f"error: {path}: {why}", file=sys.stderr)
+        print(f"error: {_shown(path)}: {why}", file=sys.stderr)
     write = _writer(args.format)
     failed = len(problems)
     if not files:
@@ -87,7 +93,7 @@ def _main(argv):
         for path, ranked, why in predict_files(args.model, files, args.top):
             if ranked is None:
                 failed += 1
-                bar.write(f"error: cannot read image {path} ({why})", file=sys.stderr)
+                bar.write(f"error: cannot read image {_shown(path)} ({why})", file=sys.stderr)
             else:
                 with tqdm.external_write_mode(file=sys.stdout):  # the bar steps aside
                     write(path, ranked)

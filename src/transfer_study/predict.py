@@ -12,20 +12,20 @@ from transfer_study.featurize import prepare_extractor
 from transfer_study.nn.backbones import feature_extractor
 from transfer_study.nn.build import load_trained
 from transfer_study.nn.device import default_device, featurize_dtype
-from transfer_study.split import IMAGE_SUFFIXES, UNREADABLE_IMAGE, read_image
+from transfer_study.split import IMAGE_SUFFIXES, UNREADABLE_IMAGE, images_below, read_image
 
 BATCH_SIZE = 64  # images decoded and classified together
 
 
 def image_files(targets):
     """(files to classify, [(path, why it is skipped)]): each path as given, a folder as the
-    image files below it (recursively, in sorted order)."""
+    image files below it, listed as a folder dataset's are (split.images_below)."""
     files, problems = [], []
     for path in map(Path, targets):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            found = [p for p in found if not p.is_dir()]  # a FIFO is named when read
+            found, linked_folders = images_below(path)
             files += found
+            problems += [(linked, "a link to a folder, not followed") for linked in linked_folders]
             if not found:
                 problems.append((path, f"a folder without images ({', '.join(IMAGE_SUFFIXES)})"))
         elif path.exists():  # a file, or something that is not one: read_image names it

@@ -3,14 +3,16 @@
 import codecs
 import gzip
 import io
+import os
 import pickle
 import struct
 import tarfile
+import warnings
 import zlib
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from transfer_study.core.stage import UserError
@@ -95,8 +97,11 @@ def read_cifar10(archive):
                         f"batch holds about 30 MB (refused unread above {MAX_MEMBER_BYTES:,})"
                     )
                 found[name] = tar.extractfile(member).read()
+    except tarfile.ReadError:  # tarfile's message lists each compression it tried, a line each
+        raise UserError(f"{archive} is not a tar archive (plain, gzip, bz2 or xz)") from None
     except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
-        raise UserError(f"{archive} is not a readable tar archive ({error})") from None
+        why = " ".join(str(error).split())  # one line, whatever the library wrote
+        raise UserError(f"{archive} is not a readable tar archive ({why})") from None
     missing = [f"{MEMBER_DIR}/{n}" for n in wanted.values() if n not in found]
     if missing:
         raise UserError(f"{archive} lacks CIFAR-10 members: {', '.join(missing)}")
@@ -191,10 +196,46 @@ def read_mnist(folder):
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
+def images_below(folder):
+    """(image files below `folder`, recursively and sorted; folders met that are symbolic links):
+    the one listing rule of folder datasets and predict. Hidden entries (names starting with a
+    dot: .ipynb_checkpoints, macOS ._ files) are left out and linked folders are not entered;
+    linked files are read, as DVC hashes them too."""
+    files, linked_folders = [], []
+
+    def fail(error):  # os.walk would skip an unreadable folder silently
+        raise error
+
+    for top, folders, names in os.walk(folder, onerror=fail):
+        top = Path(top)
+        linked_folders += [top / n for n in folders if not _hidden(n) and (top / n).is_symlink()]
+        folders[:] = [n for n in folders if not _hidden(n) and not (top / n).is_symlink()]
+        files += [top / n for n in names if not _hidden(n) and _is_image_name(n)]
+    return sorted(files), sorted(linked_folders)
+
+
+def _hidden(name):
+    return name.startswith(".")
+
+
+def _is_image_name(name):
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _refuse_linked_folder(path):
+    """DVC hashes data.path without entering linked folders, so a change inside one would never
+    rerun split: refuse it rather than read what DVC cannot see."""
+    raise UserError(
+        f"{path} is a link to a folder, which DVC does not look into (a change there would not "
+        "rerun split); copy the folder into data.path instead (links to image files are fine)"
+    )
+
+
 def read_folder(root, image_size, bad_images="fail"):
     """(train Split, test Split or None, unreadable files skipped) from `<class>/<image>` folders,
-    or `train/<class>/...` and `test/<class>/...`. Each image is decoded once, converted to RGB
-    and resized to image_size x image_size pixels.
+    or `train/<class>/...` and `test/<class>/...`; a class's images may lie in subfolders of its
+    folder (the images_below rule). Each image is decoded once, turned upright by its EXIF
+    orientation, converted to RGB and resized to image_size x image_size pixels.
 
     `bad_images`: "fail" stops at the first unreadable image, naming it; "skip" leaves it out.
     """
@@ -212,7 +253,12 @@ def read_folder(root, image_size, bad_images="fail"):
 
 
 def _read_classes(folder, image_size, bad_images, skipped, classes=None):
-    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if folder.is_symlink():
+        _refuse_linked_folder(folder)
+    entries = sorted(p for p in folder.iterdir() if not _hidden(p.name) and p.is_dir())
+    for linked in (p for p in entries if p.is_symlink()):
+        _refuse_linked_folder(linked)
+    found = [p.name for p in entries]
     if not found:
         raise UserError(f"{folder} has no class folders: expected {folder}/<class>/<image>.jpg")
     if classes is not None and not set(found) <= set(classes):
@@ -221,9 +267,9 @@ def _read_classes(folder, image_size, bad_images, skipped, classes=None):
     classes = tuple(classes or found)
     files = {}
     for name in found:
-        files[name] = sorted(
-            p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        files[name], linked_folders = images_below(folder / name)
+        for linked in linked_folders:
+            _refuse_linked_folder(linked)
         if not files[name]:
             suffixes = ", ".join(IMAGE_SUFFIXES)
             raise UserError(f"class folder {folder / name} holds no images ({suffixes})")
@@ -249,14 +295,30 @@ UNREADABLE_IMAGE = (OSError, ValueError, Image.DecompressionBombError)
 
 
 def read_image(path, shape):
-    """uint8 C x H x W pixels of an image file: grayscale (C = 1) or RGB, resized to H x W."""
+    """uint8 C x H x W pixels of an image file, upright by its EXIF orientation (as a phone
+    photo is viewed), grayscale (C = 1) or RGB, resized to H x W."""
     channels, height, width = shape
     if not Path(path).is_file():  # a FIFO or a device would block the read, or never end it
         raise OSError("not a regular file")
-    with Image.open(path) as image:
-        converted = image.convert("L" if channels == 1 else "RGB")
+    with _open_image(path) as image:
+        upright = ImageOps.exif_transpose(image)
+        converted = upright.convert("L" if channels == 1 else "RGB")
         pixels = np.asarray(converted.resize((width, height), Image.BILINEAR))
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+def _open_image(path):
+    """Image.open, with PIL's decompression-bomb warning (over Image.MAX_IMAGE_PIXELS) turned
+    into a refusal in the project's words rather than a raw Python warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            raise ValueError(
+                f"more than {Image.MAX_IMAGE_PIXELS:,} pixels, refused as a possible "
+                "decompression bomb"
+            ) from None
 
 
 def _decode_image(path, image_size, bad_images):
