@@ -15,6 +15,7 @@ from transfer_study.core.stage import UserError
 from transfer_study.data.splits import (
     load_split,
     make_splits,
+    read_array_file,
     save_split,
     split_counts,
     stratified_sample,
@@ -196,3 +197,54 @@ def test_splits_too_small_for_every_class_name_the_knob(archive, sizes, message)
     options = {"val_fraction": 0.2, "seed": 0, **sizes}
     with pytest.raises(UserError, match=message):
         make_splits(train, test, **options)
+
+
+def _damaged_splits(path, good):
+    """What a split file a later stage opens may be instead: each (name, bytes or None)."""
+    wrong = io.BytesIO()
+    np.savez(wrong, images=np.zeros((2, 3, 4, 4), np.float32), labels=np.zeros(2), classes=["a"])
+    labels_out_of_range = io.BytesIO()
+    np.savez(
+        labels_out_of_range,
+        images=np.zeros((2, 3, 4, 4), np.uint8),
+        labels=np.array([0, 5]),
+        classes=np.array(["a", "b"]),
+    )
+    return {
+        "missing": None,
+        "empty": b"",
+        "truncated": good[: len(good) // 2],
+        "not numpy": b"<html>not found</html>",
+        "a pickle": pickle.dumps({"images": 1}),
+        "float images": wrong.getvalue(),
+        "labels out of range": labels_out_of_range.getvalue(),
+    }
+
+
+def test_a_missing_or_damaged_split_is_one_line_naming_its_stage(tmp_path, archive):
+    train, test = read_cifar10(archive)
+    path = tmp_path / "data" / "split" / "train.npz"
+    saved = make_splits(train, test, 0.2, seed=0)["train"]
+    save_split(saved, path)
+    good = path.read_bytes()
+    for what, content in _damaged_splits(path, good).items():
+        path.unlink(missing_ok=True)
+        if content is not None:
+            path.write_bytes(content)
+        with pytest.raises(UserError) as refused:
+            load_split(path)
+        message = str(refused.value)
+        assert message.startswith(f"{path} ") and "\n" not in message, (what, message)
+        assert "dvc repro split" in message and "allow_pickle" not in message, (what, message)
+        assert len(message) < 200 + 2 * len(str(path)), (what, message)
+    path.write_bytes(good)
+    assert np.array_equal(load_split(path).labels, saved.labels)
+
+
+def test_missing_or_damaged_features_name_their_featurize_stage(tmp_path):
+    path = tmp_path / "train.npy"
+    with pytest.raises(UserError, match=r"train.npy does not exist: run the featurize_lite0 stage"):
+        read_array_file(path, "featurize_lite0")
+    path.write_bytes(b"\x93NUMPY cut short")
+    with pytest.raises(UserError, match=r"train.npy is damaged \(.*\); rerun featurize_lite0"):
+        read_array_file(path, "featurize_lite0")

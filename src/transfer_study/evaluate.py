@@ -12,6 +12,7 @@ from transfer_study.core import paths, timing
 from transfer_study.core.atomic import atomic_path, write_json
 from transfer_study.core.config import uses_features
 from transfer_study.core.stage import UserError
+from transfer_study.data.splits import read_array_file
 from transfer_study.nn.build import load_inputs, load_trained
 from transfer_study.nn.device import autocast_dtype, default_device
 
@@ -64,7 +65,7 @@ def mirrored_inputs(name, section, inputs):
             f"evaluate.hflip is true but {path} is missing: rerun featurize_{name} "
             f"(dvc repro featurize_{name}), which caches it"
         )
-    mirrored = np.load(path)
+    mirrored = read_array_file(path, f"featurize_{name}")
     if mirrored.shape != inputs.shape:
         raise UserError(
             f"{path} holds {mirrored.shape} features for {inputs.shape} test ones: "

@@ -1,6 +1,8 @@
 """Seeded stratified splits, and the per-split uint8 files every later stage reads."""
 
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -117,9 +119,43 @@ def save_split(split, path):
         np.savez(file, images=split.images, labels=split.labels, classes=np.array(split.classes))
 
 
+def read_array_file(path, stage):
+    """np.load of a .npy or .npz file an earlier stage wrote (never a pickle); missing or
+    damaged, one line naming the file and the stage that makes it."""
+    if not Path(path).is_file():
+        raise UserError(f"{path} does not exist: run the {stage} stage first (dvc repro {stage})")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        return dict(loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as error:
+        why = " ".join(str(error).split())[:120] or type(error).__name__
+        if "pickle" in why:  # numpy reads any other file as a pickle, which it never loads here
+            why = "not a numpy .npy or .npz file"
+        raise UserError(
+            f"{path} is damaged ({why}); rerun {stage} (dvc repro {stage}) or dvc checkout {path}"
+        ) from None
+
+
 def load_split(path):
-    with np.load(path, allow_pickle=False) as data:
-        return Split(data["images"], data["labels"], tuple(str(c) for c in data["classes"]))
+    """The Split in a file save_split wrote, its arrays checked for what later stages assume."""
+    data = read_array_file(path, "split")
+    images, labels, classes = (data.get(key) for key in ("images", "labels", "classes"))
+    if (
+        not isinstance(images, np.ndarray)
+        or images.dtype != np.uint8
+        or images.ndim != 4
+        or not isinstance(labels, np.ndarray)
+        or labels.dtype.kind not in "iu"
+        or labels.shape != images.shape[:1]
+        or not isinstance(classes, np.ndarray)
+        or classes.ndim != 1
+        or (len(labels) and not 0 <= labels.min() <= labels.max() < len(classes))
+    ):
+        raise UserError(
+            f"{path} does not hold a split as the split stage writes it (uint8 images, labels, "
+            "classes); rerun it: dvc repro split"
+        )
+    return Split(images, labels.astype(np.int64), tuple(str(c) for c in classes))
 
 
 def split_counts(splits):

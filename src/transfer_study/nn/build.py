@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -11,7 +10,7 @@ from transfer_study.core.checks import shown
 from transfer_study.core.config import MlpParams, parse_saved_section, uses_features
 from transfer_study.core.markers import is_skipped
 from transfer_study.core.stage import UserError
-from transfer_study.data.splits import channel_stats, load_split
+from transfer_study.data.splits import channel_stats, load_split, read_array_file
 from transfer_study.nn.backbones import (
     UnreadableTensors,
     backbone_spec,
@@ -85,7 +84,7 @@ def load_inputs(name, section, split):
     """(inputs as the model `name` consumes them, the split itself) of a split."""
     data = load_split(paths.split_file(split))
     if uses_features(section):
-        return np.load(paths.features_file(name, split)), data
+        return read_array_file(paths.features_file(name, split), f"featurize_{name}"), data
     return data.images, data
 
 

@@ -18,7 +18,7 @@ from transfer_study.core import paths
 from transfer_study.core.atomic import atomic_paths, json_text
 from transfer_study.core.config import MlpParams, uses_features
 from transfer_study.core.stage import UserError
-from transfer_study.data.splits import draw_per_class
+from transfer_study.data.splits import draw_per_class, read_array_file
 from transfer_study.nn.backbones import UnreadableTensors, count_params, load_tensors
 from transfer_study.nn.build import build_net, check_trainable, data_stats, load_inputs
 from transfer_study.nn.device import enable_fast_cuda, memory_bytes
@@ -46,7 +46,7 @@ def _flipped_features(name):
             f"{name}.train.hflip is true but {path} is missing: set the shared train.hflip: true "
             f"so that featurize_{name} caches the mirrored train images' features"
         )
-    return np.load(path)
+    return read_array_file(path, f"featurize_{name}")
 
 
 def resolve_precision(train):
