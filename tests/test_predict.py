@@ -8,7 +8,6 @@ import pickle
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from transfer_study.core import paths
 from transfer_study.core.markers import skip_training
 from transfer_study.core.stage import UserError
 from transfer_study.data.splits import load_split
-from transfer_study.evaluate import predict_logits
+from transfer_study.evaluate import evaluate_models, predict_logits
 from transfer_study.nn.build import load_trained
 from transfer_study.predict import predict_files
 
@@ -239,41 +238,49 @@ DAMAGES = {
 }
 
 
+def _check_refusal(message, what):
+    assert "\n" not in message and message.startswith("models/mlp.pt "), (what, message)
+    assert "dvc checkout models/mlp.pt" in message and "dvc repro train_mlp" in message, what
+    assert "weights_only" not in message, what
+
+
+@pytest.mark.parametrize("what", DAMAGES)
+def test_a_damaged_model_file_is_refused_by_predict_and_evaluate(study, what):
+    """Each damage through the real predict and evaluate code: one message naming the file
+    and the remedies, nothing of the file run (its sentinel never appears)."""
+    (image,), _ = save_test_images(study.root, count=1)
+    model, sentinel = paths.model_file("mlp"), study.root / "sentinel"
+    DAMAGES[what](model, sentinel, model.read_bytes())
+    for command in (lambda: list(predict_files("mlp", [image])), lambda: evaluate_models(["mlp"])):
+        with pytest.raises(UserError) as refused:
+            command()
+        _check_refusal(str(refused.value), what)
+    assert not sentinel.exists(), what
+
+
 @pytest.mark.parametrize("command", ["predict", "evaluate"])
-def test_a_damaged_model_file_gets_one_line_and_runs_nothing(study, command):
-    image_paths, _ = save_test_images(study.root, count=1)
-    good = paths.model_file("mlp").read_bytes()
-
-    def run_on(what):
-        """The command in a project of its own whose models/mlp.pt is damaged by `what`."""
-        project = study.root / "damaged" / str(list(DAMAGES).index(what))
-        shutil.copytree(study.root / paths.SPLIT_DIR, project / paths.SPLIT_DIR)
-        (project / "params.yaml").write_text(open(f"{REPO}/params.yaml").read())
-        model, sentinel = project / paths.model_file("mlp"), project / "sentinel"
-        model.parent.mkdir()
-        DAMAGES[what](model, sentinel, good)
-        if command == "predict":
-            result = predict_cli(project, "--model", "mlp", *image_paths)
-        else:
-            result = subprocess.run(
-                [sys.executable, f"{REPO}/stages/evaluate.py"],
-                cwd=project,
-                env={**os.environ, "PYTHONPATH": f"{REPO}/src"},
-                capture_output=True,
-                text=True,
-            )
-        return result, sentinel
-
-    with ThreadPoolExecutor(max_workers=2) as pool:  # two processes at a time: one per core
-        results = dict(zip(DAMAGES, pool.map(run_on, DAMAGES)))
-    for what, (result, sentinel) in results.items():
-        assert result.returncode == 2, (what, result.stderr[-2000:])
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1, (what, lines)
-        assert lines[0].startswith("error: models/mlp.pt "), (what, lines)
-        assert "dvc checkout models/mlp.pt" in lines[0] and "dvc repro train_mlp" in lines[0]
-        assert "weights_only" not in lines[0]
-        assert not sentinel.exists(), what
+def test_a_tampered_model_file_stops_the_command_with_one_line(study, command):
+    """The exit status and stderr of the command itself, for one damage (the others reach the
+    same wrapper: test_a_damaged_model_file_is_refused_by_predict_and_evaluate)."""
+    (image,), _ = save_test_images(study.root, count=1)
+    sentinel = study.root / "sentinel"
+    _tampered(paths.model_file("mlp"), sentinel, None)
+    if command == "predict":
+        result = predict_cli(study.root, "--model", "mlp", image)
+    else:
+        shutil.copy(f"{REPO}/params.yaml", study.root / "params.yaml")
+        result = subprocess.run(
+            [sys.executable, f"{REPO}/stages/evaluate.py"],
+            cwd=study.root,
+            env={**os.environ, "PYTHONPATH": f"{REPO}/src"},
+            capture_output=True,
+            text=True,
+        )
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ")
+    _check_refusal(line.removeprefix("error: "), "tampered")
+    assert not sentinel.exists()
 
 
 def test_many_images_get_a_progress_bar_on_stderr(study, monkeypatch, capsys):
