@@ -92,7 +92,8 @@ def test_study_timer_times_every_stage_then_only_what_a_change_reruns(study_time
     for name in ("featurize_lite0", "train_lite0", "evaluate"):  # stages with batches
         times = stages[name]
         assert times["images_per_second"] > 0
-        assert 0 < times["startup_seconds"] < times["seconds"]  # a first batch was marked
+        # A first batch was marked (its work may round to 0.00 s: 50 test images, say).
+        assert 0 < times["startup_seconds"] <= times["seconds"]
     assert stages["split"]["images_per_second"] is None
     assert stages["train_mlp"]["images_per_second"] is None  # left out: markers only
     assert set(summary["test_accuracy"]) == {"lite0"}
