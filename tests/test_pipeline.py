@@ -239,8 +239,8 @@ def per_class_grid(runs):
 RUNS = [  # each one's name is the fixture of its result
     reproduced,
     queued_grid,  # from the committed study: it runs beside `reproduced`
-    new_lr,  # the longest first, of those that wait for `reproduced`
-    per_class_grid,
+    per_class_grid,  # the longest first (two queued experiments), of those that wait for it
+    new_lr,
     interrupted_then_mlp_change,
     vgg16_image_size,
     left_out,
