@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import sys
 
@@ -32,9 +33,9 @@ def checkpoint_folder(name, run_key, resume):
     if same_run and _resumable(last):
         print(f"{name}: resuming from {last}", file=sys.stderr)
         return folder, str(last)
-    if rank_zero_only.rank != 0:
-        # A DDP process that Lightning started: the launching process (rank 0) has prepared the
-        # folder already, and emptying it now would delete what rank 0 writes there.
+    if not _launches_rank_zero():
+        # Another DDP process: the one that becomes rank 0 prepares the folder, and emptying it
+        # now would delete what rank 0 writes there.
         return folder, None
     if same_run:
         print(f"{name}: {last} is damaged or not a checkpoint; starting over", file=sys.stderr)
@@ -44,6 +45,14 @@ def checkpoint_folder(name, run_key, resume):
     folder.mkdir(parents=True)
     key_file.write_text(run_key)
     return folder, None
+
+
+def _launches_rank_zero():
+    """Whether this process is, or starts, global rank 0. Lightning's rank_zero_only.rank comes
+    from RANK, LOCAL_RANK or SLURM_PROCID, read at import; a node started by hand with
+    NODE_RANK (or GROUP_RANK) 1 sets none of them, yet its processes are not rank 0."""
+    node_rank = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)))
+    return rank_zero_only.rank == 0 and node_rank == 0
 
 
 def _read_key(path):
