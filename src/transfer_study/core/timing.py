@@ -57,7 +57,8 @@ def write_record():
     """Append this stage's times (seconds since the epoch) to the timings file, if asked for.
     Under DDP or torchrun only the first process writes (its counts cover every rank's)."""
     path = os.environ.get(ENV)
-    if not path or any(int(os.environ.get(k, 0)) for k in ("RANK", "LOCAL_RANK", "NODE_RANK")):
+    ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")  # srun sets only the last
+    if not path or any(os.environ.get(k, "0") != "0" for k in ranks):
         return
     record = {
         "stage": stage_name(sys.argv),
