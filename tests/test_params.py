@@ -1,5 +1,6 @@
 """params.yaml parsing: YAML 1.1 numbers, overrides, and one clear line for each bad value."""
 
+import os
 import subprocess
 import sys
 
@@ -205,17 +206,31 @@ def test_a_model_without_stages_is_refused_before_anything_runs(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "script, args, message",
+    "script, args, message, node_rank",
     [
-        ("train", [], "expected one model name: python stages/train.py MODEL, MODEL one of: mlp,"),
-        ("train", ["mlp", "vgg16"], "expected one model name"),
-        ("train", ["mlpp"], "'mlpp' is not a model with a train stage"),
-        ("train", ["../../x"], "'../../x' is not a model with a train stage"),
-        ("featurize", ["/tmp/features"], "'/tmp/features' is not a model with a featurize stage"),
-        ("featurize", ["mlp"], "'mlp' is not a model with a featurize stage"),
+        (
+            "train",
+            [],
+            "expected one model name: python stages/train.py MODEL, MODEL one of: mlp,",
+            None,
+        ),
+        ("train", ["mlp", "vgg16"], "expected one model name", None),
+        ("train", ["mlpp"], "'mlpp' is not a model with a train stage", None),
+        ("train", ["../../x"], "'../../x' is not a model with a train stage", None),
+        (
+            "featurize",
+            ["/tmp/features"],
+            "'/tmp/features' is not a model with a featurize stage",
+            None,
+        ),
+        ("featurize", ["mlp"], "'mlp' is not a model with a featurize stage", None),
+        # A node started by hand with a typo in its rank: one line before any work.
+        ("train", ["mlp"], "environment variable NODE_RANK = 'one': accepts a whole number", "one"),
     ],
 )
-def test_stage_scripts_take_only_a_model_with_that_stage(tmp_path, script, args, message):
+def test_stage_scripts_take_only_a_model_with_that_stage(
+    tmp_path, script, args, message, node_rank
+):
     project = tmp_path / "project"
     project.mkdir()
     for name in ("params.yaml", "dvc.yaml"):
@@ -223,6 +238,7 @@ def test_stage_scripts_take_only_a_model_with_that_stage(tmp_path, script, args,
     result = subprocess.run(
         [sys.executable, f"{REPO}/stages/{script}.py", *args],
         cwd=project,
+        env={**os.environ, **({"NODE_RANK": node_rank} if node_rank else {})},
         capture_output=True,
         text=True,
         timeout=60,

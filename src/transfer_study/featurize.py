@@ -1,6 +1,5 @@
 """Run a frozen backbone once over each split and stream its features to disk, batch by batch."""
 
-import os
 import sys
 import time
 
@@ -11,7 +10,7 @@ from tqdm import tqdm
 
 from transfer_study.core import paths, timing
 from transfer_study.core.atomic import atomic_path, write_json
-from transfer_study.core.stage import UserError, stop_if_signalled
+from transfer_study.core.stage import UserError, launcher_variable, stop_if_signalled
 from transfer_study.data.splits import SPLITS, load_split
 from transfer_study.nn.backbones import backbone_spec, count_params, feature_extractor
 from transfer_study.nn.device import default_device, enable_fast_cuda, featurize_dtype
@@ -87,8 +86,8 @@ def featurize(
 
 def torchrun_ranks():
     """(rank, world size, local rank) under torchrun, else (0, 1, 0)."""
-    env = os.environ
-    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+    rank, world = launcher_variable("RANK"), launcher_variable("WORLD_SIZE", unset=1)
+    return rank, world, launcher_variable("LOCAL_RANK")
 
 
 def _concatenate(parts, path):

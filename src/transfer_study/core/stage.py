@@ -17,6 +17,30 @@ class UserError(Exception):
     """A problem with params, data or the environment that the user can fix."""
 
 
+# Where a distributed run says which process this is: torchrun sets RANK, LOCAL_RANK and
+# GROUP_RANK, Lightning's DDP launcher LOCAL_RANK and NODE_RANK, srun SLURM_PROCID, and a node
+# started by hand NODE_RANK.
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+
+
+def launcher_variable(name, unset=0):
+    """The whole number a launcher set in the environment variable `name`."""
+    value = os.environ.get(name, str(unset))
+    try:
+        return int(value)
+    except ValueError:
+        shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
+        raise UserError(
+            f"environment variable {name} = {shown}: accepts a whole number (0 for the first "
+            "process of a distributed run)"
+        ) from None
+
+
+def is_first_process():
+    """Whether this process is global rank 0 of a distributed run, or runs alone."""
+    return all(launcher_variable(name) == 0 for name in RANK_VARIABLES)
+
+
 _stop_signal = None  # the name of the signal that asked this stage to stop, once one has
 
 
@@ -66,7 +90,10 @@ def exit_on_user_error(main):
             signal.signal(signum, _interrupt)
         _stop_when_orphaned()
         timing.main_starts()
+        first_process = False
         try:
+            # Checked before any work (Lightning reads some of them as it is imported).
+            first_process = is_first_process()
             return main(*args, **kwargs)
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
@@ -94,6 +121,7 @@ def exit_on_user_error(main):
             )
             sys.exit(130)
         finally:
-            timing.write_record()
+            if first_process:  # its counts cover every rank's
+                timing.write_record()
 
     return wrapper

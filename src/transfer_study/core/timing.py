@@ -55,10 +55,9 @@ def process_start():
 
 def write_record():
     """Append this stage's times (seconds since the epoch) to the timings file, if asked for.
-    Under DDP or torchrun only the first process writes (its counts cover every rank's)."""
+    Under DDP or torchrun, the first process alone calls it."""
     path = os.environ.get(ENV)
-    ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")  # srun sets only the last
-    if not path or any(os.environ.get(k, "0") != "0" for k in ranks):
+    if not path:
         return
     record = {
         "stage": stage_name(sys.argv),

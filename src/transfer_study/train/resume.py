@@ -3,15 +3,14 @@
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import sys
 
 import numpy as np
 import pandas as pd
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from transfer_study.core import paths
+from transfer_study.core.stage import is_first_process
 from transfer_study.nn.backbones import UnreadableTensors, load_tensors
 
 
@@ -33,7 +32,7 @@ def checkpoint_folder(name, run_key, resume):
     if same_run and _resumable(last):
         print(f"{name}: resuming from {last}", file=sys.stderr)
         return folder, str(last)
-    if not _launches_rank_zero():
+    if not is_first_process():
         # Another DDP process: the one that becomes rank 0 prepares the folder, and emptying it
         # now would delete what rank 0 writes there.
         return folder, None
@@ -45,14 +44,6 @@ def checkpoint_folder(name, run_key, resume):
     folder.mkdir(parents=True)
     key_file.write_text(run_key)
     return folder, None
-
-
-def _launches_rank_zero():
-    """Whether this process is, or starts, global rank 0. Lightning's rank_zero_only.rank comes
-    from RANK, LOCAL_RANK or SLURM_PROCID, read at import; a node started by hand with
-    NODE_RANK (or GROUP_RANK) 1 sets none of them, yet its processes are not rank 0."""
-    node_rank = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)))
-    return rank_zero_only.rank == 0 and node_rank == 0
 
 
 def _read_key(path):
