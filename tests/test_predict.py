@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, REPO, RunsCode
+from conftest import CLASSES, REPO, RunsCode, only, params
 from PIL import Image
 
 from transfer_study.core import paths
@@ -21,8 +21,10 @@ from transfer_study.core.markers import skip_training
 from transfer_study.core.stage import UserError
 from transfer_study.data.splits import load_split
 from transfer_study.evaluate import evaluate_models, predict_logits
+from transfer_study.featurize import featurize_model
 from transfer_study.nn.build import load_trained
 from transfer_study.predict import predict_files
+from transfer_study.train.fit import train_model
 
 
 def save_test_images(folder, count=3):
@@ -37,24 +39,21 @@ def save_test_images(folder, count=3):
 
 def test_cli_prints_the_top_three_classes(study):
     image_paths, test = save_test_images(study.root)  # the study's MLP trained 4 epochs
+    odd = Path(os.fsdecode(bytes(study.root) + b"/caf\xe9.png"))  # Latin-1 bytes: not UTF-8
+    shutil.copy(image_paths[0], odd)
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "transfer_study",
-            "predict",
-            "--model",
-            "mlp",
-            *map(str, image_paths),
-        ],
+        [sys.executable, "-m", "transfer_study", "predict", "--model", "mlp"]
+        + [*map(str, image_paths), str(odd)],
         cwd=study.root,
-        env={**os.environ, "PYTHONPATH": f"{REPO}/src"},
+        # Strict UTF-8, as under many desktop locales: the odd name must print escaped.
+        env={**os.environ, "PYTHONPATH": f"{REPO}/src", "PYTHONIOENCODING": "utf-8:strict"},
         capture_output=True,
         text=True,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
-    assert len(lines) == 3 * 4 and lines[0] == str(image_paths[0])
+    assert len(lines) == 4 * 4 and lines[0] == str(image_paths[0])
+    assert lines[12] == f"{study.root}/caf\\xe9.png" and lines[13:] == lines[1:4]
     ranked = [line.split() for line in lines[1:4]]
     assert all(name in CLASSES for name, _ in ranked)
     probabilities = [float(p) for _, p in ranked]
@@ -77,6 +76,23 @@ def test_frozen_backbone_predicts_through_its_extractor(study):
         assert len(ranked) == 3 and ranked[0][0] == CLASSES[int(row.argmax())]
 
 
+@pytest.mark.parametrize("name", ["lite1", "lite2"])
+def test_the_larger_lites_featurize_train_evaluate_and_predict(workdir, archive, name):
+    """What their stages run, for the Lites the tiny study leaves out (random weights at 32 px;
+    their ImageNet features: test_pretrained.py), then predict on image files."""
+    settings = params(archive, models=only(name))
+    featurize_model(name, settings.model(name))
+    assert train_model(name, settings)["epochs"] == 2
+    assert set(evaluate_models([name])) == {name}
+    image_paths, _ = save_test_images(workdir, count=2)
+    net, _, _ = load_trained(paths.model_file(name))
+    features = torch.from_numpy(np.load(paths.features_file(name, "test"))[:2])
+    expected = predict_logits(net, features).softmax(dim=1)
+    for (_, ranked, _), row in zip(predict_files(name, image_paths, top=3), expected):
+        assert ranked[0][0] == CLASSES[int(row.argmax())]
+        assert ranked[0][1] == pytest.approx(float(row.max()), abs=1e-2)
+
+
 def test_predict_explains_what_is_missing(workdir, archive):
     with pytest.raises(UserError, match="models/mlp.pt does not exist: train it first"):
         list(predict_files("mlp", ["x.png"]))
@@ -85,30 +101,37 @@ def test_predict_explains_what_is_missing(workdir, archive):
         list(predict_files("mlp", ["x.png"]))
 
 
-def predict_cli(workdir, *args):
-    return subprocess.run(
-        [sys.executable, "-m", "transfer_study", "predict", *map(str, args)],
-        cwd=workdir,
-        env={**os.environ, "PYTHONPATH": f"{REPO}/src"},
-        capture_output=True,
-        text=True,
-    )
+def predict_cli(capsys, *args):
+    """`python -m transfer_study predict ARGS`, run in this process: (exit status, stdout,
+    stderr). test_cli_prints_the_top_three_classes runs it as a command."""
+    from transfer_study import __main__ as cli
+
+    capsys.readouterr()
+    try:
+        cli.main(["predict", *map(str, args)])
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
+    printed = capsys.readouterr()
+    return status, printed.out, printed.err
 
 
-def test_a_folder_with_a_bad_file_classifies_the_rest_and_fails(study):
+def test_a_folder_with_a_bad_file_classifies_the_rest_and_fails(study, capsys):
     folder = study.root / "images"
     (folder / "more").mkdir(parents=True)
     image_paths, _ = save_test_images(folder, count=3)
     image_paths[2].rename(folder / "more" / "deep.png")  # folders are walked recursively
     (folder / "broken.jpg").write_bytes(b"not an image")
     (folder / "notes.txt").write_text("not an image file name: left alone")
-    result = predict_cli(study.root, "--model", "mlp", "--format", "csv", folder, "missing.png")
-    assert result.returncode == 1
-    errors = result.stderr.strip().splitlines()
+    status, stdout, stderr = predict_cli(
+        capsys, "--model", "mlp", "--format", "csv", folder, "missing.png"
+    )
+    assert status == 1
+    errors = stderr.strip().splitlines()
     assert errors[0] == "error: missing.png: no such file or folder"
     assert errors[1].startswith(f"error: cannot read image {folder / 'broken.jpg'} (")
     assert errors[2] == "2 of 5 inputs failed"
-    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    rows = list(csv.DictReader(io.StringIO(stdout)))
     expected = [folder / "more" / "deep.png", folder / "test0.png", folder / "test1.png"]
     assert [row["path"] for row in rows] == [str(p) for p in expected]  # sorted, bad one out
     for row in rows:
@@ -118,7 +141,7 @@ def test_a_folder_with_a_bad_file_classifies_the_rest_and_fails(study):
 
 
 @pytest.mark.parametrize("form", ["text", "csv", "json"])
-def test_any_file_name_prints_and_folders_are_listed_as_split_lists_them(study, form):
+def test_any_file_name_prints_and_folders_are_listed_as_split_lists_them(study, form, capsys):
     folder = study.root / "images"
     (folder / ".ipynb_checkpoints").mkdir(parents=True)
     (image,), _ = save_test_images(folder, count=1)
@@ -127,26 +150,19 @@ def test_any_file_name_prints_and_folders_are_listed_as_split_lists_them(study, 
     shutil.copy(image, folder / ".ipynb_checkpoints" / "test0-checkpoint.png")
     (folder / "._test0.png").write_bytes(b"\0\5\26\7 macOS resource fork, not a PNG")
     (folder / "linked").symlink_to(study.root / paths.SPLIT_DIR)
-    result = subprocess.run(
-        [sys.executable, "-m", "transfer_study", "predict", "--model", "mlp", "--format", form]
-        + [str(folder)],
-        cwd=study.root,
-        env={**os.environ, "PYTHONPATH": f"{REPO}/src", "PYTHONIOENCODING": "utf-8:strict"},
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 1, result.stderr
-    assert result.stderr.splitlines() == [
+    status, stdout, stderr = predict_cli(capsys, "--model", "mlp", "--format", form, folder)
+    assert status == 1, stderr
+    assert stderr.splitlines() == [
         f"error: {folder / 'linked'}: a link to a folder, not followed",
         "1 of 3 inputs failed",
     ]
     shown = [f"{folder}/caf\\xe9.png", str(image)]  # the odd byte escaped; hidden ones left out
     if form == "json":
-        printed = [json.loads(line)["path"] for line in result.stdout.splitlines()]
+        printed = [json.loads(line)["path"] for line in stdout.splitlines()]
     elif form == "csv":
-        printed = [row["path"] for row in csv.DictReader(io.StringIO(result.stdout))]
+        printed = [row["path"] for row in csv.DictReader(io.StringIO(stdout))]
     else:
-        printed = [line for line in result.stdout.splitlines() if not line.startswith(" ")]
+        printed = [line for line in stdout.splitlines() if not line.startswith(" ")]
     assert printed == shown
 
 
@@ -164,13 +180,13 @@ def test_a_photo_is_classified_upright_by_its_exif_orientation(study):
     assert dict(sideways) != pytest.approx(dict(as_is), abs=1e-3)  # what was read before
 
 
-def test_json_lines_and_batches_match_one_image_at_a_time(study):
+def test_json_lines_and_batches_match_one_image_at_a_time(study, capsys):
     image_paths, _ = save_test_images(study.root, count=5)
-    result = predict_cli(
-        study.root, "--model", "mlp", "--format", "json", "--top", "2", *image_paths
+    status, stdout, stderr = predict_cli(
+        capsys, "--model", "mlp", "--format", "json", "--top", "2", *image_paths
     )
-    assert result.returncode == 0, result.stderr
-    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert status == 0, stderr
+    lines = [json.loads(line) for line in stdout.splitlines()]
     assert [line["path"] for line in lines] == [str(p) for p in image_paths]
     assert all(len(line["top"]) == 2 for line in lines)
     one_by_one = [next(predict_files("mlp", [p], top=2)) for p in image_paths]
@@ -259,15 +275,15 @@ def test_a_damaged_model_file_is_refused_by_predict_and_evaluate(study, what):
 
 
 @pytest.mark.parametrize("command", ["predict", "evaluate"])
-def test_a_tampered_model_file_stops_the_command_with_one_line(study, command):
+def test_a_tampered_model_file_stops_the_command_with_one_line(study, command, capsys):
     """The exit status and stderr of the command itself, for one damage (the others reach the
     same wrapper: test_a_damaged_model_file_is_refused_by_predict_and_evaluate)."""
     (image,), _ = save_test_images(study.root, count=1)
     sentinel = study.root / "sentinel"
     _tampered(paths.model_file("mlp"), sentinel, None)
     if command == "predict":
-        result = predict_cli(study.root, "--model", "mlp", image)
-    else:
+        status, _, stderr = predict_cli(capsys, "--model", "mlp", image)
+    else:  # the stage script, as DVC runs it
         shutil.copy(f"{REPO}/params.yaml", study.root / "params.yaml")
         result = subprocess.run(
             [sys.executable, f"{REPO}/stages/evaluate.py"],
@@ -276,8 +292,9 @@ def test_a_tampered_model_file_stops_the_command_with_one_line(study, command):
             capture_output=True,
             text=True,
         )
-    assert result.returncode == 2, result.stderr[-2000:]
-    (line,) = result.stderr.strip().splitlines()
+        status, stderr = result.returncode, result.stderr
+    assert status == 2, stderr[-2000:]
+    (line,) = stderr.strip().splitlines()
     assert line.startswith("error: ")
     _check_refusal(line.removeprefix("error: "), "tampered")
     assert not sentinel.exists()
