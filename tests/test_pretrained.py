@@ -22,34 +22,32 @@ from transfer_study.split import read_cifar10
 from transfer_study.train.fit import train_model
 
 SAMPLE = Path(REPO).parent / "shared" / "datasets" / "cifar-10-sample-python.tar.gz"
-SIZE = 128  # pixels: small enough for a CPU, large enough for ImageNet features to matter
+SIZE = 96  # pixels: small enough for a CPU, large enough for ImageNet features to matter
 TEST_SIZE = 500  # stratified test images: 50 a class (the accuracy within about 2 points)
-# Accuracy that pretrained features must add over random ones (which sit at chance, 10%).
-# Measured here: 74.6% on these 500 test images with the pipeline as it is (74.3% on 1000);
-# on 1000: 45.1% with inputs left on the 0-255 scale (no normalization), 52.5% with the
-# backbone in train mode, 59.0% with the pooling skipped.
-MARGIN = 0.55
+# Measured: 71.8% on these 500 test images with the pipeline as it is, 10.0% with random
+# weights. At 128 px: 74.6% (74.3% on 1000 test images); on 1000, 45.1% with inputs left on
+# the 0-255 scale (no normalization), 52.5% with the backbone in train mode, 59.0% with the
+# pooling skipped.
+LEAST = 0.65
 
 
 @pytest.mark.skipif(not SAMPLE.exists(), reason="needs ../shared/datasets (the CIFAR sample)")
-def test_pretrained_lite0_features_beat_random_ones(tmp_path, monkeypatch):
+def test_pretrained_lite0_features_go_far_above_chance(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     train, test = read_cifar10(SAMPLE)
     splits = make_splits(train, test, 0.2, seed=0, train_size=2000, test_size=TEST_SIZE)
     for name, split in splits.items():
         save_split(split, paths.split_file(name))
-    accuracy = {}
-    for weights in ("imagenet", "none"):
-        overrides = {
-            "models": only("lite0"),
-            "train": {"max_epochs": 30, "patience": 5, "batch_size": 64},
-            "lite0": {"weights": weights, "image_size": SIZE},
-        }
-        params = load_params(f"{REPO}/params.yaml", overrides)
-        featurize_model("lite0", params.model("lite0"))
-        train_model("lite0", params)
-        accuracy[weights] = evaluate_models(["lite0"])["lite0"]["test_accuracy"]
-    assert accuracy["imagenet"] >= accuracy["none"] + MARGIN, accuracy
+    overrides = {
+        "models": only("lite0"),
+        "train": {"max_epochs": 30, "patience": 5, "batch_size": 64},
+        "lite0": {"weights": "imagenet", "image_size": SIZE},
+    }
+    params = load_params(f"{REPO}/params.yaml", overrides)
+    featurize_model("lite0", params.model("lite0"))
+    train_model("lite0", params)
+    accuracy = evaluate_models(["lite0"])["lite0"]["test_accuracy"]
+    assert accuracy >= LEAST, accuracy
 
 
 @functools.cache
