@@ -1,9 +1,9 @@
-"""Stage featurize_<model>: run the frozen backbone once over every split, cache its features
-(a model left out, or fine-tuned from pixels, writes markers only, without importing torch)."""
+"""Stage featurize_<model>: run the backbone's frozen part once over every split, cache its
+output (a model left out, or fine-tuned from pixels, writes markers only, without torch)."""
 
 import sys
 
-from transfer_study.core.config import load_params, stage_model, uses_features
+from transfer_study.core.config import cached_inputs, load_params, stage_model
 from transfer_study.core.markers import skip_featurize
 from transfer_study.core.stage import exit_on_user_error
 
@@ -12,12 +12,13 @@ from transfer_study.core.stage import exit_on_user_error
 def main(argv):
     params = load_params()
     name = stage_model(argv, params, "featurize")
-    if name not in params.models or not uses_features(params.model(name)):
+    section, crop = params.model(name), params.train.crop
+    if name not in params.models or cached_inputs(name, section, crop) is None:
         skip_featurize(name)
         return
     from transfer_study.featurize import featurize_model  # torch: only for a backbone pass
 
-    featurize_model(name, params.model(name), hflip=params.train.hflip)
+    featurize_model(name, section, hflip=params.train.hflip, crop=crop)
 
 
 if __name__ == "__main__":

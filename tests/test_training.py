@@ -415,27 +415,27 @@ def test_test_time_flips_average_image_and_mirror(study):
     averaged = evaluate_models(["mlp", "vgg16"], hflip=True)
     # The MLP's averaged probabilities are those of the images and of their mirror images
     # (flipped along the width, as featurize flips them).
-    net, section, _ = load_trained(paths.model_file("mlp"))
+    net, _, _ = load_trained(paths.model_file("mlp"))
     mirror = torch.from_numpy(test.images).flip(3).numpy()
     expected = (
         predict_logits(net, test.images).softmax(1) + predict_logits(net, mirror).softmax(1)
     ) / 2
     loss = F.nll_loss(expected.log(), torch.as_tensor(test.labels))
     assert averaged["mlp"]["test_loss"] == pytest.approx(float(loss), abs=1e-5)
-    logits = logits_on_test(net, "mlp", section, test.images, hflip=True)
+    logits = logits_on_test(net, "mlp", None, test.images, hflip=True)  # from images
     torch.testing.assert_close(logits.softmax(1), expected)
     predictions = pd.read_csv(paths.predictions_file("mlp"))
     np.testing.assert_allclose(predictions["confidence"], expected.max(1).values, atol=1e-4)
     # A frozen backbone averages over the cached features of the mirrored test images.
     flipped = np.load(paths.features_file("vgg16", paths.FLIPPED_TEST))
-    net, section, _ = load_trained(paths.model_file("vgg16"))
+    net, _, _ = load_trained(paths.model_file("vgg16"))
     plain_features = np.load(paths.features_file("vgg16", "test"))
     assert flipped.shape == plain_features.shape and not np.array_equal(flipped, plain_features)
     expected = (
         predict_logits(net, plain_features).softmax(1) + predict_logits(net, flipped).softmax(1)
     ) / 2
     torch.testing.assert_close(
-        logits_on_test(net, "vgg16", section, plain_features, True).softmax(1), expected
+        logits_on_test(net, "vgg16", "features", plain_features, True).softmax(1), expected
     )
     paths.features_file("vgg16", paths.FLIPPED_TEST).unlink()
     with pytest.raises(UserError, match="evaluate.hflip is true but features/vgg16/test_flipped"):

@@ -10,10 +10,9 @@ import torch.nn.functional as F
 
 from transfer_study.core import paths, timing
 from transfer_study.core.atomic import atomic_path, write_json
-from transfer_study.core.config import uses_features
 from transfer_study.core.stage import UserError
 from transfer_study.data.splits import read_array_file
-from transfer_study.nn.build import load_inputs, load_trained
+from transfer_study.nn.build import load_inputs, load_trained, saved_inputs
 from transfer_study.nn.device import autocast_dtype, default_device
 
 BATCH_SIZE = 256  # images or feature rows per forward pass
@@ -54,10 +53,10 @@ def score(logits, labels, classes):
     return metrics, table
 
 
-def mirrored_inputs(name, section, inputs):
-    """The test inputs of the mirrored images: cached features of a frozen backbone, else the
-    images flipped left-right."""
-    if not uses_features(section):
+def mirrored_inputs(name, cached, inputs):
+    """The test inputs of the mirrored images: their cached features or activations (`cached`,
+    what the model learned from), else the images flipped left-right."""
+    if cached is None:
         return np.ascontiguousarray(inputs[..., ::-1])
     path = paths.features_file(name, paths.FLIPPED_TEST)
     if not path.exists():
@@ -74,14 +73,14 @@ def mirrored_inputs(name, section, inputs):
     return mirrored
 
 
-def logits_on_test(net, name, section, inputs, hflip):
+def logits_on_test(net, name, cached, inputs, hflip):
     """The model's test logits; with `hflip`, the log of the mean of the image's and its mirror
     image's class probabilities (so that softmax gives that mean back), computed in log space:
     a probability below float32's smallest would otherwise make the test loss infinite."""
     logits = predict_logits(net, inputs)
     if not hflip:
         return logits
-    mirrored = predict_logits(net, mirrored_inputs(name, section, inputs))
+    mirrored = predict_logits(net, mirrored_inputs(name, cached, inputs))
     both = torch.stack([logits.log_softmax(1), mirrored.log_softmax(1)])
     return torch.logsumexp(both, dim=0) - math.log(2)
 
@@ -93,9 +92,10 @@ def evaluate_models(models, hflip=False):
     Every model is scored before anything is written, so a bad model file changes nothing."""
     results, tables = {}, {}
     for name in models:
-        net, section, _ = load_trained(paths.model_file(name))
-        inputs, test = load_inputs(name, section, "test")
-        logits = logits_on_test(net, name, section, inputs, hflip)
+        net, section, config = load_trained(paths.model_file(name))
+        cached = saved_inputs(section, config)
+        inputs, test = load_inputs(name, cached, "test")
+        logits = logits_on_test(net, name, cached, inputs, hflip)
         results[name], tables[name] = score(logits, test.labels, test.classes)
     shutil.rmtree(paths.PREDICTIONS_DIR, ignore_errors=True)  # no left-out model's old table
     for name, table in tables.items():

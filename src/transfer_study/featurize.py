@@ -1,18 +1,22 @@
-"""Run a frozen backbone once over each split and stream its features to disk, batch by batch."""
+"""Run a backbone's frozen part once over each split and stream its output to disk, by batch."""
 
+import math
+import shutil
 import sys
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from tqdm import tqdm
 
 from transfer_study.core import paths, timing
 from transfer_study.core.atomic import atomic_path, write_json
+from transfer_study.core.config import cached_inputs
 from transfer_study.core.stage import UserError, launcher_variable, stop_if_signalled
 from transfer_study.data.splits import SPLITS, load_split
-from transfer_study.nn.backbones import backbone_spec, count_params, feature_extractor
+from transfer_study.nn.backbones import count_params, cut_below_trainable, feature_extractor
 from transfer_study.nn.device import default_device, enable_fast_cuda, featurize_dtype
 
 # Images per backbone call, to start with: CPU batches only need to amortize Python overhead;
@@ -25,6 +29,16 @@ def prepare_extractor(extractor, device):
     """Eval mode (dropout off, batch norm frozen), no gradients, channels_last on the device."""
     extractor.eval().requires_grad_(False)
     return extractor.to(device, memory_format=torch.channels_last)
+
+
+def frozen_part(name, section, inputs):
+    """uint8 images -> what the cache of `inputs` holds: the features of the whole frozen
+    backbone ("features"), or its activations at the cut below the trainable blocks."""
+    extractor = feature_extractor(name, section.weights, section.image_size)
+    if inputs == "activations":
+        below, _ = cut_below_trainable(name, extractor[1], section.trainable_layers)
+        extractor = nn.Sequential(extractor[0], below)
+    return extractor
 
 
 def _write_header(file, rows, feature_dim):
@@ -78,10 +92,32 @@ def featurize(
                 message = f"{desc}: CUDA out of memory, retrying with batches of {batch_size}"
                 bar.write(message, file=sys.stderr)
                 continue
-            out.write(features.to(torch.float16).cpu().numpy().tobytes())
+            out.write(features.flatten(1).to(torch.float16).cpu().numpy().tobytes())
             first += len(batch)
             bar.update(len(batch))
     return len(images) / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def _output_shape(extractor, image, device):
+    """The shape of one image's output, by running it."""
+    return tuple(extractor(torch.from_numpy(image).to(device)).shape[1:])
+
+
+def _check_disk(name, section, shape, rows):
+    """Refuse, in one line, a cache of `rows` images of `shape` float16 values that would not
+    fit in the free space of the features folder."""
+    folder = paths.features_file(name, "train").parent.absolute()
+    existing = next(f for f in (folder, *folder.parents) if f.exists())  # nothing made yet
+    needed, free = rows * math.prod(shape) * 2, shutil.disk_usage(existing).free
+    if needed > free:
+        values = " x ".join(map(str, shape))
+        raise UserError(
+            f"{name}.trainable_layers = {section.trainable_layers}: featurize_{name} would cache "
+            f"{values} values an image, {needed / 2**30:,.1f} GiB for {rows:,} images, more than "
+            f"the {free / 2**30:,.1f} GiB free in {folder}; train more blocks, lower "
+            f"{name}.image_size, or free disk space"
+        )
 
 
 def torchrun_ranks():
@@ -103,14 +139,17 @@ def _concatenate(parts, path):
         part.unlink()
 
 
-def featurize_model(name, section, hflip=False):
-    """Cache the frozen backbone's features of every split, with a meta file and timing metrics.
+def featurize_model(name, section, hflip=False, crop=0):
+    """Cache the frozen part of a backbone's output for every split, with a meta file and timing
+    metrics: its features when it is frozen whole, its activations at the cut below its
+    trainable blocks when it is partly fine-tuned without crops (`crop`: the shared
+    train.crop; config.cached_inputs decides).
 
-    The mirrored test images' features too, always (one more pass over test), so that
-    evaluate.hflip, which averages the two predictions, reruns evaluate alone. With `hflip`,
-    the mirrored train images' features too (one more pass over train), so that training can
-    flip at random and still read cached features. Under torchrun each rank
-    featurizes its slice of every split on its own GPU, and rank 0 joins the slices.
+    The mirrored test images' too, always (one more pass over test), so that evaluate.hflip,
+    which averages the two predictions, reruns evaluate alone. With `hflip`, the mirrored train
+    images' too (one more pass over train), so that training can flip at random and still read
+    the cache. Under torchrun each rank featurizes its slice of every split on its own GPU, and
+    rank 0 joins the slices. A cache that would not fit on the disk is refused before any work.
     """
     rank, world, local_rank = torchrun_ranks()
     device = default_device()
@@ -119,17 +158,20 @@ def featurize_model(name, section, hflip=False):
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
     enable_fast_cuda()
-    spec = backbone_spec(name)
-    extractor = feature_extractor(name, section.weights, section.image_size)
-    extractor = prepare_extractor(extractor, device)
-    begun = time.perf_counter()  # the passes only: not a first download of the weights
+    inputs = cached_inputs(name, section, crop)
+    extractor = prepare_extractor(frozen_part(name, section, inputs), device)
     jobs = [(split, split, False) for split in SPLITS]
     if hflip:
         jobs.append((paths.FLIPPED_TRAIN, "train", True))
     jobs.append((paths.FLIPPED_TEST, "test", True))
+    splits = {split: load_split(paths.split_file(split)).images for split in SPLITS}
+    shape = _output_shape(extractor, splits["train"][:1], device)
+    rows = sum(len(splits[split]) for _, split, _ in jobs)
+    _check_disk(name, section, shape, rows)
+    begun = time.perf_counter()  # the passes only: not a first download of the weights
     timings = {}
     for out_name, split, flip in jobs:
-        images = load_split(paths.split_file(split)).images
+        images = splits[split]
         path = paths.features_file(name, out_name)
         parts = [path.with_name(f"{path.stem}.part{r}.npy") for r in range(world)]
         mine = slice(rank * len(images) // world, (rank + 1) * len(images) // world)
@@ -138,7 +180,7 @@ def featurize_model(name, section, hflip=False):
             extractor,
             images[mine],
             parts[rank] if world > 1 else path,
-            spec.feature_dim,
+            math.prod(shape),
             device,
             desc=f"{name} {out_name}",
             flip=flip,
@@ -155,8 +197,11 @@ def featurize_model(name, section, hflip=False):
         if rank != 0:
             return None
     meta = {
-        "feature_dim": spec.feature_dim,
-        "backbone_params": count_params(extractor),
+        "inputs": inputs,
+        "feature_dim": math.prod(shape),
+        "shape": list(shape),  # of one image's features or activations
+        "trainable_layers": section.trainable_layers,
+        "backbone_params": count_params(extractor),  # the frozen part's
         "image_size": section.image_size,
         "weights": section.weights,
     }

@@ -6,11 +6,9 @@ import numpy as np
 import torch
 
 from transfer_study.core import paths
-from transfer_study.core.config import uses_features
 from transfer_study.evaluate import predict_logits
-from transfer_study.featurize import prepare_extractor
-from transfer_study.nn.backbones import feature_extractor
-from transfer_study.nn.build import load_trained
+from transfer_study.featurize import frozen_part, prepare_extractor
+from transfer_study.nn.build import load_trained, saved_inputs
 from transfer_study.nn.device import default_device, featurize_dtype
 from transfer_study.split import IMAGE_SUFFIXES, UNREADABLE_IMAGE, images_below, read_image
 
@@ -37,13 +35,13 @@ def image_files(targets):
 
 def load_classifier(name):
     """(uint8 N x C x H x W images -> class probabilities, (C, H, W) the images are read at,
-    class names) of models/<name>.pt; a frozen backbone's head gets the backbone's features."""
+    class names) of models/<name>.pt; a model that learned from cached features or activations
+    gets them from the backbone's frozen part."""
     net, section, config = load_trained(paths.model_file(name))
     device = default_device()
-    extractor = None
-    if uses_features(section):
-        extractor = feature_extractor(name, section.weights, section.image_size)
-        extractor = prepare_extractor(extractor, device)
+    extractor, cached = None, saved_inputs(section, config)
+    if cached is not None:
+        extractor = prepare_extractor(frozen_part(name, section, cached), device)
 
     @torch.inference_mode()
     def classify(images):
@@ -51,7 +49,7 @@ def load_classifier(name):
         if extractor is not None:
             dtype = featurize_dtype(device)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                inputs = extractor(inputs.to(device)).to(torch.float16)
+                inputs = extractor(inputs.to(device)).flatten(1).to(torch.float16)
         return predict_logits(net, inputs, device).softmax(dim=1)
 
     return classify, tuple(config["data"]["shape"]), config["classes"]

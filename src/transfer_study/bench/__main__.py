@@ -1,4 +1,5 @@
-"""python -m transfer_study.bench [study] ...: the features benchmark, or the study timer."""
+"""python -m transfer_study.bench [study|cut] ...: the features benchmark, the study timer, or
+partial fine-tuning from cached activations against from images."""
 
 import argparse
 import sys
@@ -34,6 +35,10 @@ def main(argv=None):
         from transfer_study.bench.study import main as time_study  # imports no torch first
 
         return time_study(argv[1:])
+    if argv[:1] == ["cut"]:
+        from transfer_study.bench.cut import main as time_cut
+
+        return time_cut(argv[1:])
     args = features_arguments(argv)
     from transfer_study.bench.features import main as benchmark
 

@@ -115,6 +115,27 @@ def uses_features(section):
     return isinstance(section, BackboneParams) and section.trainable_layers == 0
 
 
+# The backbones the registry cuts below their top trainable blocks (nn/backbones.py, `stages`).
+CUT_BACKBONES = ("lite0", "lite1", "lite2")
+
+
+def cached_inputs(name, section, crop):
+    """What featurize_<name> caches and train_<name> learns from, given the shared train.crop:
+    "features" of a frozen backbone; "activations" at the cut below the top trainable_layers
+    blocks of a backbone that cuts, when images are not cropped (a crop changes what the frozen
+    part sees); None for pixels (the MLP, `all`, crops, backbones that do not cut)."""
+    if uses_features(section):
+        return "features"
+    if (
+        name in CUT_BACKBONES
+        and isinstance(section, BackboneParams)
+        and section.trainable_layers != "all"
+        and crop == 0
+    ):
+        return "activations"
+    return None
+
+
 MODEL_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # also names its stages and files
 MAX_PARAMS_BYTES = 1 << 20  # 1 MiB: params.yaml is a page of settings, not data
 

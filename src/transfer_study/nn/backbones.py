@@ -33,6 +33,9 @@ class BackboneSpec:
     to_body: Callable[[nn.Module], nn.Module]  # full model -> normalized images to flat features
     # body -> its parameterized blocks, input to output (what trainable_layers counts)
     blocks: Callable[[nn.Module], list] = None
+    # body -> its forward as a sequence of modules, input to output, each holding whole blocks:
+    # where it can be cut below the trainable blocks (config.CUT_BACKBONES), or None
+    stages: Callable[[nn.Module], list] = None
 
     def body_blocks(self, body):
         return (self.blocks or _generic_blocks)(body)
@@ -139,6 +142,45 @@ def _lite_blocks(body):
     return [model._conv_stem, model._bn0, *model._blocks, model._conv_head, model._bn1]
 
 
+class _LiteStem(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.conv, self.norm, self.act = model._conv_stem, model._bn0, model._swish
+
+    def forward(self, images):
+        return self.act(self.norm(self.conv(images)))
+
+
+class _LiteBlock(nn.Module):
+    def __init__(self, block, drop_connect_rate):
+        super().__init__()
+        self.block, self.drop_connect_rate = block, drop_connect_rate
+
+    def forward(self, x):
+        return self.block(x, drop_connect_rate=self.drop_connect_rate)
+
+
+class _LiteTop(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.conv, self.norm, self.act = model._conv_head, model._bn1, model._swish
+        self.pool = model._avg_pooling
+
+    def forward(self, x):
+        return self.pool(self.act(self.norm(self.conv(x)))).flatten(1)
+
+
+def _lite_stages(body):
+    """_LiteBody.forward as modules: the stem, each block (with the drop-connect rate
+    extract_features gives it), the head conv and pooling. They share the body's layers and are
+    not registered in it, so the body's state_dict keeps its keys."""
+    model = body.model
+    rate = model._global_params.drop_connect_rate or 0.0
+    count = len(model._blocks)
+    blocks = [_LiteBlock(block, rate * i / count) for i, block in enumerate(model._blocks)]
+    return [_LiteStem(model), *blocks, _LiteTop(model)]
+
+
 class _LiteBody(nn.Module):
     """EfficientNet-Lite up to its global average pool: 1280 features (every Lite variant)."""
 
@@ -190,6 +232,7 @@ BACKBONES = {
             _efficientnet_lite(version),
             _LiteBody,
             _lite_blocks,
+            _lite_stages,
         )
         for version, size in ((0, 224), (1, 240), (2, 260))
     },
@@ -254,6 +297,22 @@ def set_trainable_layers(name, body, trainable_layers):
     for block in blocks[len(blocks) - trainable_layers :]:
         block.requires_grad_(True)
     return body
+
+
+def cut_below_trainable(name, body, trainable_layers):
+    """(below, above): the body's stages under the lowest stage holding one of its top
+    `trainable_layers` blocks, and the rest, so that above(below(x)) == body(x). `above.blocks`
+    lists the blocks it holds, input to output (a plain list: they stay registered once)."""
+    spec = backbone_spec(name)
+    stages, blocks = spec.stages(body), spec.body_blocks(body)
+    trainable = {id(b) for b in blocks[len(blocks) - trainable_layers :]}
+    first = next(
+        i for i, stage in enumerate(stages) if any(id(m) in trainable for m in stage.modules())
+    )
+    below, above = nn.Sequential(*stages[:first]), nn.Sequential(*stages[first:])
+    inside = {id(m) for m in above.modules()}
+    above.blocks = [b for b in blocks if id(b) in inside]
+    return below, above
 
 
 def feature_extractor(name, weights, image_size):

@@ -14,6 +14,7 @@ from transfer_study.data.splits import channel_stats, load_split, read_array_fil
 from transfer_study.nn.backbones import (
     UnreadableTensors,
     backbone_spec,
+    cut_below_trainable,
     feature_extractor,
     load_tensors,
     set_trainable_layers,
@@ -26,11 +27,14 @@ MAX_IMAGE_SIDE = 4096  # pixels; far above the size any dataset here is stored a
 TRAINING_BYTES_PER_PARAM = 4 * 4
 
 
-def build_net(name, section, num_classes, stats, feature_dim=None, weights=None):
+def build_net(
+    name, section, num_classes, stats, feature_dim=None, weights=None, activation_shape=None
+):
     """The trainable network for a model section. `stats` ({"shape": [C, H, W], "mean",
     "std"} of the train images) sizes and normalizes the MLP's input. `weights` overrides
     section.weights (loading a trained model needs no ImageNet download: its state_dict replaces
-    them)."""
+    them). With `activation_shape` (of one image's cached activations at the cut), the backbone
+    above the cut and the head, learning from those activations."""
     if isinstance(section, MlpParams):
         size = section.image_size
         channels = stats["shape"][0]
@@ -49,6 +53,9 @@ def build_net(name, section, num_classes, stats, feature_dim=None, weights=None)
     extractor = feature_extractor(name, weights or section.weights, section.image_size)
     set_trainable_layers(name, extractor[1], section.trainable_layers)
     head = mlp(backbone_spec(name).feature_dim, *_layers(section.head, num_classes))
+    if activation_shape is not None:
+        _, above = cut_below_trainable(name, extractor[1], section.trainable_layers)
+        return nn.Sequential(nn.Unflatten(1, tuple(activation_shape)), above, head)
     return nn.Sequential(extractor, head)
 
 
@@ -57,6 +64,7 @@ def check_trainable(name, section, num_classes, stats, feature_dim, memory_bytes
     in `memory_bytes` (the memory of the device it trains on), naming the key that sizes it."""
     with torch.device("meta"):  # shapes only: a 10^8-unit layer costs nothing here
         net = build_net(name, section, num_classes, stats, feature_dim, weights="none")
+    # With the whole backbone: what training from images holds, more than from activations.
     count = sum(p.numel() for p in net.parameters())
     needed = count * TRAINING_BYTES_PER_PARAM
     if needed > memory_bytes:
@@ -80,12 +88,19 @@ def data_stats(train_images):
     return {"shape": list(train_images.shape[1:]), "mean": mean, "std": std}
 
 
-def load_inputs(name, section, split):
-    """(inputs as the model `name` consumes them, the split itself) of a split."""
+def load_inputs(name, inputs, split):
+    """(inputs as the model `name` consumes them, the split itself) of a split: its cached
+    `inputs` ("features" or "activations", config.cached_inputs), or None for its images."""
     data = load_split(paths.split_file(split))
-    if uses_features(section):
+    if inputs is not None:
         return read_array_file(paths.features_file(name, split), f"featurize_{name}"), data
     return data.images, data
+
+
+def saved_inputs(section, config):
+    """What a trained model learned from: its config's record (model files written before
+    partial fine-tuning read activations have none: features for a frozen backbone)."""
+    return config.get("inputs", "features" if uses_features(section) else None)
 
 
 def load_trained(path):
@@ -138,15 +153,22 @@ def _rebuild(saved, name):
         raise ValueError("its input shape or statistics are not those of stored images")
     section = parse_saved_section(config["name"], config["section"])
     args = (config["name"], section, len(config["classes"]), config["data"], config["feature_dim"])
+    cut = {}
+    if saved_inputs(section, config) == "activations":
+        shape = config["activation_shape"]
+        if not (len(shape) == 3 and all(isinstance(n, int) and 1 <= n <= 1 << 16 for n in shape)):
+            raise ValueError("its activation shape is not one a cut gives")
+        cut = {"activation_shape": shape}
     # Shapes first, on the meta device (nothing allocated): a file whose config asks for a huge
     # network is refused before it costs memory.
     with torch.device("meta"):
         expected = {
-            k: tuple(v.shape) for k, v in build_net(*args, weights="none").state_dict().items()
+            k: tuple(v.shape)
+            for k, v in build_net(*args, weights="none", **cut).state_dict().items()
         }
     found = {k: tuple(v.shape) if torch.is_tensor(v) else None for k, v in state.items()}
     if found != expected:
         raise ValueError("its weights do not fit the network its config describes")
-    net = build_net(*args, weights="none")
+    net = build_net(*args, weights="none", **cut)
     net.load_state_dict(state)
     return net.eval(), section, config

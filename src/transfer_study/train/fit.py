@@ -16,7 +16,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from transfer_study.core import paths
 from transfer_study.core.atomic import atomic_paths, json_text
-from transfer_study.core.config import MlpParams, uses_features
+from transfer_study.core.config import MlpParams, cached_inputs
 from transfer_study.core.stage import UserError
 from transfer_study.data.splits import draw_per_class, read_array_file
 from transfer_study.nn.backbones import UnreadableTensors, count_params, load_tensors
@@ -49,6 +49,18 @@ def _flipped_features(name):
     return read_array_file(path, f"featurize_{name}")
 
 
+def _feature_meta(name, inputs, section):
+    """The meta file featurize_<name> wrote, once it is the cache this training reads."""
+    meta = json.loads(paths.features_meta(name).read_text())
+    cut = section.trainable_layers if inputs == "activations" else 0
+    if meta.get("inputs", "features") != inputs or meta.get("trainable_layers", 0) != cut:
+        raise UserError(
+            f"features/{name} holds the cache of another {name}.trainable_layers or train.crop: "
+            f"rerun featurize_{name} (dvc repro featurize_{name})"
+        )
+    return meta
+
+
 def resolve_precision(train):
     if train.precision != "auto":
         return train.precision
@@ -74,8 +86,14 @@ def train_model(name, params, callbacks=()):
     check_accelerator(train)
     enable_fast_cuda()
     pl.seed_everything(params.seed, workers=True)
-    train_x, train_data = load_inputs(name, section, "train")
-    val_x, val_data = load_inputs(name, section, "val")
+    inputs = cached_inputs(name, section, params.train.crop)
+    if inputs == "activations" and train.crop != params.train.crop:
+        raise UserError(
+            f"{name}.train.crop = {train.crop}: the activations featurize_{name} caches are of "
+            "uncropped images; set the shared train.crop instead (crops then train from images)"
+        )
+    train_x, train_data = load_inputs(name, inputs, "train")
+    val_x, val_data = load_inputs(name, inputs, "val")
     train_y, val_y, classes = train_data.labels, val_data.labels, train_data.classes
     drawn, labeled, batch_size = None, train_data.images, train.batch_size
     if train.per_class is not None:
@@ -88,14 +106,15 @@ def train_model(name, params, callbacks=()):
             f"{name}.train.batch_size = {train.batch_size} is larger than the train split "
             f"({len(train_y)} images); lower it or raise data.train_size"
         )
-    features = uses_features(section)
-    feature_meta = json.loads(paths.features_meta(name).read_text()) if features else {}
+    features = inputs is not None  # cached: features, or activations at the cut
+    feature_meta = _feature_meta(name, inputs, section) if features else {}
     stats = data_stats(labeled)  # of the labeled images only
     feature_dim = feature_meta.get("feature_dim")
+    cut = {"activation_shape": feature_meta["shape"]} if inputs == "activations" else {}
     on_gpu = trains_on_gpu(train)
     memory = memory_bytes(torch.device("cuda" if on_gpu else "cpu"))
     check_trainable(name, section, len(classes), stats, feature_dim, memory)
-    net = build_net(name, section, len(classes), stats, feature_dim)
+    net = build_net(name, section, len(classes), stats, feature_dim, **cut)
     if not features and not isinstance(section, MlpParams):
         # A backbone fine-tuned from pixels: convolutions in NHWC, the layout GPU tensor cores
         # (and oneDNN on CPUs) run fastest; its 2-D weights and the saved values are unchanged.
@@ -149,6 +168,8 @@ def train_model(name, params, callbacks=()):
         "classes": list(classes),
         "data": stats,
         "feature_dim": feature_dim,
+        "inputs": inputs,
+        "activation_shape": cut.get("activation_shape"),
         "seed": params.seed,
     }
     kept = history.loc[history["val_loss"].idxmin()]  # the epoch ModelCheckpoint kept

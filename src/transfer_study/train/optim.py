@@ -57,15 +57,19 @@ def param_groups(name, section, net):
     below it at lr * lr_decay**depth (depth 1 = the top block). None: one group at lr."""
     if uses_features(section) or isinstance(section, MlpParams) or section.lr_decay == 1:
         return None
-    extractor, head = net
+    if len(net) == 3:  # from cached activations: (unflatten, the backbone above the cut, head)
+        _, backbone, head = net
+        blocks = backbone.blocks
+    else:  # from images: (preprocessing and backbone, head)
+        backbone, head = net
+        blocks = backbone_spec(name).body_blocks(backbone[1])
     groups = [{"params": trainable_params(head), "lr_scale": 1.0}]
-    blocks = backbone_spec(name).body_blocks(extractor[1])
     for depth, block in enumerate(reversed(blocks), start=1):
         if trainable := trainable_params(block):
             groups.append({"params": trainable, "lr_scale": section.lr_decay**depth})
     # Parameters outside the blocks (a ViT's class token) train at the lowest rate.
     grouped = {id(p) for group in groups for p in group["params"]}
-    if rest := [p for p in trainable_params(extractor) if id(p) not in grouped]:
+    if rest := [p for p in trainable_params(backbone) if id(p) not in grouped]:
         groups.append({"params": rest, "lr_scale": groups[-1]["lr_scale"]})
     return groups
 
