@@ -127,13 +127,18 @@ def test_a_cache_too_big_for_the_disk_is_refused_before_any_work(workdir, archiv
     assert not paths.features_file("lite0", "train").parent.exists()
 
 
-def test_the_cut_benchmark_prints_its_ratio_last(capsys):
+def test_the_cut_benchmark_prints_its_ratio_last(archive, capsys):
     from transfer_study.bench.__main__ import main
 
-    result = main(["cut", "--images", "64", "--image-size", "32", "--trainable-layers", "3"])
+    tiny = ["--images", "64", "--image-size", "32", "--trainable-layers", "3"]
+    result = main(["cut", *tiny, "--archive", str(archive), "--epochs", "2", "--test-images", "20"])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == result and result["activation_shape"] == [192, 1, 1]
-    assert result["epoch_ratio"] > 0 and result["epoch_seconds_from_activations"] > 0
+    assert result["epoch_ratio"] > 0 and result["epochs"] == 2
+    # The same start, batches and flips: only the cache's fp16 rounding separates the paths
+    # (at most two of the 20 test images, on a borderline logit).
+    gap = result["test_accuracy_from_activations"] - result["test_accuracy_from_images"]
+    assert abs(gap) <= 0.1
     with pytest.raises(SystemExit) as exit:
         main(["cut", "--model", "vgg16"])
     assert exit.value.code == 2
