@@ -15,6 +15,7 @@ from torchvision import models as tvm
 from transfer_study.core import paths
 from transfer_study.core.stage import UserError
 from transfer_study.nn.layers import Preprocess
+from transfer_study.nn.lite import LiteBody, lite_blocks, lite_stages
 
 
 @dataclass(frozen=True)
@@ -137,62 +138,6 @@ def _efficientnet_lite(version):
     return load
 
 
-def _lite_blocks(body):
-    model = body.model
-    return [model._conv_stem, model._bn0, *model._blocks, model._conv_head, model._bn1]
-
-
-class _LiteStem(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.conv, self.norm, self.act = model._conv_stem, model._bn0, model._swish
-
-    def forward(self, images):
-        return self.act(self.norm(self.conv(images)))
-
-
-class _LiteBlock(nn.Module):
-    def __init__(self, block, drop_connect_rate):
-        super().__init__()
-        self.block, self.drop_connect_rate = block, drop_connect_rate
-
-    def forward(self, x):
-        return self.block(x, drop_connect_rate=self.drop_connect_rate)
-
-
-class _LiteTop(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.conv, self.norm, self.act = model._conv_head, model._bn1, model._swish
-        self.pool = model._avg_pooling
-
-    def forward(self, x):
-        return self.pool(self.act(self.norm(self.conv(x)))).flatten(1)
-
-
-def _lite_stages(body):
-    """_LiteBody.forward as modules: the stem, each block (with the drop-connect rate
-    extract_features gives it), the head conv and pooling. They share the body's layers and are
-    not registered in it, so the body's state_dict keeps its keys."""
-    model = body.model
-    rate = model._global_params.drop_connect_rate or 0.0
-    count = len(model._blocks)
-    blocks = [_LiteBlock(block, rate * i / count) for i, block in enumerate(model._blocks)]
-    return [_LiteStem(model), *blocks, _LiteTop(model)]
-
-
-class _LiteBody(nn.Module):
-    """EfficientNet-Lite up to its global average pool: 1280 features (every Lite variant)."""
-
-    def __init__(self, model):
-        super().__init__()
-        model._fc = nn.Identity()  # ImageNet's classifier is not part of the features
-        self.model = model
-
-    def forward(self, images):
-        return self.model._avg_pooling(self.model.extract_features(images)).flatten(1)
-
-
 def _vgg_body(model):
     # The studies' frozen "conv base": 512 x 7 x 7 = 25088 features (adaptive pooling keeps the
     # shape at any input size >= 32 px).
@@ -230,9 +175,9 @@ BACKBONES = {
             InputSpec(size, 32, (127 / 255,) * 3, (128 / 255,) * 3),
             1280,
             _efficientnet_lite(version),
-            _LiteBody,
-            _lite_blocks,
-            _lite_stages,
+            LiteBody,
+            lite_blocks,
+            lite_stages,
         )
         for version, size in ((0, 224), (1, 240), (2, 260))
     },
