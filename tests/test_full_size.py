@@ -10,7 +10,7 @@ from conftest import REPO
 from test_studies import STATS, grid, linear_widths
 from torch import nn
 
-from transfer_study.core.config import deep_merge, load_params, uses_features
+from transfer_study.core.config import cached_inputs, deep_merge, load_params, uses_features
 from transfer_study.nn.build import build_net
 from transfer_study.nn.layers import Residual
 from transfer_study.train.fit import Classifier, param_groups, resolve_precision
@@ -43,6 +43,14 @@ COMMANDS = {
     "-S ++lite0.train.max_epochs=10 -S ++lite0.train.patience=10 "
     "-S ++lite0.train.scheduler=cosine -S ++lite0.train.warmup_epochs=1 "
     "-S ++lite0.train.label_smoothing=0.1 -S ++lite0.train.crop=4",
+    "partial": "-S 'models={mlp: false, vgg16: false, inception: false}' "
+    "-S lite0.trainable_layers=3 -S lite0.lr_decay=0.8 -S 'lite0.head.hidden=[2048]' "
+    "-S lite0.head.activation=gelu -S lite0.head.dropout=0.6 -S train.hflip=true "
+    "-S evaluate.hflip=true -S ++lite0.train.optimizer=adamw -S ++lite0.train.lr=5e-4 "
+    "-S ++lite0.train.weight_decay=0.05 -S ++lite0.train.batch_size=256 "
+    "-S ++lite0.train.max_epochs=10 -S ++lite0.train.patience=10 "
+    "-S ++lite0.train.scheduler=cosine -S ++lite0.train.warmup_epochs=1 "
+    "-S ++lite0.train.label_smoothing=0.1",
 }
 
 
@@ -150,3 +158,22 @@ def test_fine_tuned_lite0_trains_every_layer_at_decaying_rates():
         10,
         256,
     )
+
+
+def test_partly_fine_tuned_lite0_trains_its_top_blocks_from_cached_activations():
+    p = load_params(
+        f"{REPO}/params.yaml",
+        deep_merge(
+            grid(f"dvc exp run {FULL} {COMMANDS['partial']}")[0], {"lite0": {"weights": "none"}}
+        ),
+    )
+    lite0 = p.model("lite0")
+    assert cached_inputs("lite0", lite0, p.train.crop) == "activations" and p.train.hflip
+    # Below the last MBConv block at 224 px: 192 x 7 x 7 values an image.
+    net = build_net("lite0", lite0, 10, STATS, activation_shape=(192, 7, 7))
+    assert all(param.requires_grad for param in net.parameters())  # the top 3 blocks + head
+    assert linear_widths(net[2]) == [(1280, 2048), (2048, 10)]
+    scales = [g["lr_scale"] for g in param_groups("lite0", lite0, net)]
+    assert scales == pytest.approx([1.0, 0.8, 0.64, 0.512])  # head, bn1, head conv, block
+    train = lite0.train
+    assert (train.optimizer, train.lr, train.weight_decay, train.crop) == ("adamw", 5e-4, 0.05, 0)
