@@ -65,6 +65,12 @@ def params(name):
     return load_params(f"{REPO}/params.yaml", overrides[0])
 
 
+def random_lite0_params(name):
+    """params(name), Lite0 with random weights: the network is built, nothing downloaded."""
+    overrides = grid(f"dvc exp run {FULL} {COMMANDS[name]}")[0]
+    return load_params(f"{REPO}/params.yaml", deep_merge(overrides, {"lite0": {"weights": "none"}}))
+
+
 def test_results_doc_gives_the_data_flags_and_every_command_verbatim():
     text = section()
     assert f'FULL="{FULL}"' in text
@@ -126,12 +132,7 @@ def test_frozen_lite0_trains_a_wide_head_on_plain_and_mirrored_features():
 
 
 def test_fine_tuned_lite0_trains_every_layer_at_decaying_rates():
-    p = load_params(
-        f"{REPO}/params.yaml",
-        deep_merge(
-            grid(f"dvc exp run {FULL} {COMMANDS['fine_tuned']}")[0], {"lite0": {"weights": "none"}}
-        ),
-    )
+    p = random_lite0_params("fine_tuned")
     lite0 = p.model("lite0")
     assert not uses_features(lite0) and p.evaluate.hflip
     net = build_net("lite0", lite0, 10, STATS)
@@ -161,12 +162,7 @@ def test_fine_tuned_lite0_trains_every_layer_at_decaying_rates():
 
 
 def test_partly_fine_tuned_lite0_trains_its_top_blocks_from_cached_activations():
-    p = load_params(
-        f"{REPO}/params.yaml",
-        deep_merge(
-            grid(f"dvc exp run {FULL} {COMMANDS['partial']}")[0], {"lite0": {"weights": "none"}}
-        ),
-    )
+    p = random_lite0_params("partial")
     lite0 = p.model("lite0")
     assert cached_inputs("lite0", lite0, p.train.crop) == "activations" and p.train.hflip
     # Below the last MBConv block at 224 px: 192 x 7 x 7 values an image.
