@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from transfer_study.core.stage import UserError, exit_on_user_error
 from transfer_study.featurize import prepare_extractor
@@ -30,7 +29,7 @@ from transfer_study.nn.backbones import (
     feature_extractor,
     set_trainable_layers,
 )
-from transfer_study.nn.layers import mlp
+from transfer_study.nn.layers import frozen_batch_norms, mlp
 from transfer_study.split import read_cifar10
 
 BATCH = 32  # images per optimizer step, params.yaml's train.batch_size
@@ -72,12 +71,10 @@ def _run(module, inputs):
 
 
 def _train_mode(network):
-    """Train mode, but batch norms whose weights are frozen keep their statistics (as the
-    training module does)."""
+    """Train mode, as the training module sets it: frozen batch norms stay in eval mode."""
     network.train()
-    for norm in network.modules():
-        if isinstance(norm, _BatchNorm) and not norm.weight.requires_grad:
-            norm.eval()
+    for norm in frozen_batch_norms(network):
+        norm.eval()
 
 
 def _epoch(network, optimizer, plain, mirrored, labels, epoch):

@@ -3,6 +3,7 @@
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from transfer_study.core.checks import ACTIVATIONS, NORMS
 
@@ -10,6 +11,12 @@ from transfer_study.core.checks import ACTIVATIONS, NORMS
 def activation_layer(name):
     """A new instance of the activation params.yaml calls `name`."""
     return getattr(nn, ACTIVATIONS[name])()
+
+
+def frozen_batch_norms(net):
+    """The batch norms of `net` whose weights are frozen: in training they keep the statistics
+    they were trained with (ImageNet's), so they stay in eval mode."""
+    return [m for m in net.modules() if isinstance(m, _BatchNorm) and not m.weight.requires_grad]
 
 
 class Residual(nn.Sequential):

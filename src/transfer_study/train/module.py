@@ -3,11 +3,10 @@
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics.classification import MulticlassAccuracy
 
 from transfer_study.core import timing
-from transfer_study.nn.layers import augment
+from transfer_study.nn.layers import augment, frozen_batch_norms
 from transfer_study.train.optim import build_optimizer, build_scheduler, scheduled, trainable_params
 
 
@@ -27,10 +26,7 @@ class Classifier(pl.LightningModule):
         self.param_groups = param_groups
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        # Batch norms whose weights are frozen keep their ImageNet statistics in training too.
-        self.frozen_norms = [
-            m for m in net.modules() if isinstance(m, _BatchNorm) and not m.weight.requires_grad
-        ]
+        self.frozen_norms = frozen_batch_norms(net)
 
     def train(self, mode=True):
         super().train(mode)
