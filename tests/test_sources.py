@@ -300,17 +300,20 @@ def mnist_study(runs):
         "evaluate",
         "report",
     )
-    ran = {}
+    probed = ("featurize lite0", "evaluate")  # which modules they import, for the test
+    ran, imported = {}, {}
     for stage in stages:
         script, *args = stage.split()
         result = subprocess.run(
             [sys.executable, f"{REPO}/stages/{script}.py", *args],
             cwd=project,
-            env=env,
+            env={**env, "PYTHONPROFILEIMPORTTIME": "1"} if stage in probed else env,
             capture_output=True,
             text=True,
         )
         ran[stage] = (result.returncode, result.stderr[-2000:])
+        timed = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+        imported[stage] = sorted({line.rsplit("|", 1)[-1].strip() for line in timed})
         if result.returncode != 0:
             return {"stages": ran}
     saved = torch.load(project / "models" / "mlp.pt", weights_only=True)
@@ -321,6 +324,7 @@ def mnist_study(runs):
         "first weights": list(saved["state_dict"]["2.0.weight"].shape),
         "split": json.loads((project / "metrics" / "split.json").read_text()),
         "misclassified": (project / "reports" / "figures" / "misclassified_mlp.png").exists(),
+        "imported": imported,
     }
 
 
@@ -339,6 +343,11 @@ def test_mnist_study_end_to_end_through_the_stages(mnist_study):
     assert mnist_study["first weights"] == [128, 28 * 28]
     assert mnist_study["split"]["test"]["total"] == 50
     assert mnist_study["misclassified"]
+    # Its import costs about 2 CPU seconds (torch._dynamo comes with it): stages that only run
+    # an MLP or heads on cached features (Lite0's) never import it.
+    for stage in ("featurize lite0", "evaluate"):
+        assert "torch" in mnist_study["imported"][stage]
+        assert "torchvision" not in mnist_study["imported"][stage], stage
 
 
 def test_a_fifo_named_like_an_image_is_refused_not_read(tmp_path):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision import models as tvm
 
 from transfer_study.core import paths
 from transfer_study.core.stage import UserError
@@ -28,7 +27,7 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    input: InputSpec
+    input_of: Callable[[], InputSpec]  # resolved when asked: torchvision's load on demand
     feature_dim: int
     load: Callable[[str, int], nn.Module]  # (weights, image size) -> the full model
     to_body: Callable[[nn.Module], nn.Module]  # full model -> normalized images to flat features
@@ -38,8 +37,18 @@ class BackboneSpec:
     # where it can be cut below the trainable blocks (config.CUT_BACKBONES), or None
     stages: Callable[[nn.Module], list] = None
 
+    @property
+    def input(self):
+        return self.input_of()
+
     def body_blocks(self, body):
         return (self.blocks or _generic_blocks)(body)
+
+
+def _tvm():
+    """torchvision.models, imported on first use: its import costs about 2 CPU seconds (it
+    brings torch._dynamo), which a stage that only runs a head on cached features never pays."""
+    return importlib.import_module("torchvision.models")
 
 
 def _generic_blocks(module):
@@ -95,23 +104,31 @@ def _load_state(model, path):
     return model
 
 
-def _torchvision(build, weights_enum, min_size=32, **build_kwargs):
-    """(input spec, loader) of a torchvision model; its weights' transforms give the spec."""
-    transforms = weights_enum.DEFAULT.transforms()
-    spec = InputSpec(
-        transforms.crop_size[0], min_size, tuple(transforms.mean), tuple(transforms.std)
-    )
+def _torchvision(model_name, min_size=32, **build_kwargs):
+    """(input spec getter, loader) of torchvision's model `model_name`; its weights'
+    transforms give the spec."""
+
+    def weights_enum():
+        return _tvm().get_model_weights(model_name)
+
+    @functools.cache
+    def spec():
+        transforms = weights_enum().DEFAULT.transforms()
+        return InputSpec(
+            transforms.crop_size[0], min_size, tuple(transforms.mean), tuple(transforms.std)
+        )
 
     def load(weights, image_size):
+        build = functools.partial(_tvm().get_model, model_name)
         if weights != "imagenet":
             model = build(weights=None, **build_kwargs)
             return model if weights == "none" else _load_state(model, weights)
         try:  # torchvision's weights API: a file already in TORCH_HOME's cache works offline
-            return build(weights=weights_enum.DEFAULT, **build_kwargs)
+            return build(weights=weights_enum().DEFAULT, **build_kwargs)
         except OSError as error:  # URLError is an OSError
             raise UserError(
                 f"could not get ImageNet weights ({error}); without a network, copy "
-                f"{weights_enum.DEFAULT.url.rsplit('/', 1)[-1]} into "
+                f"{weights_enum().DEFAULT.url.rsplit('/', 1)[-1]} into "
                 f"{Path(torch.hub.get_dir()) / 'checkpoints'}, or set weights to a "
                 "state_dict path or none"
             ) from None
@@ -153,11 +170,10 @@ def _inception_body(model):
     return model
 
 
-_VGG16 = _torchvision(tvm.vgg16, tvm.VGG16_Weights, min_size=32)
+_VGG16 = _torchvision("vgg16", min_size=32)
 # The shape of torchvision's pretrained checkpoint, so that its state_dict loads as is.
 _INCEPTION = _torchvision(
-    tvm.inception_v3,
-    tvm.Inception_V3_Weights,
+    "inception_v3",
     min_size=75,
     aux_logits=True,
     init_weights=False,
@@ -172,7 +188,7 @@ BACKBONES = {
     # (pixel - 127) / 128 on the 0-255 scale.
     **{
         f"lite{version}": BackboneSpec(
-            InputSpec(size, 32, (127 / 255,) * 3, (128 / 255,) * 3),
+            functools.partial(InputSpec, size, 32, (127 / 255,) * 3, (128 / 255,) * 3),
             1280,
             _efficientnet_lite(version),
             LiteBody,
@@ -182,19 +198,23 @@ BACKBONES = {
         for version, size in ((0, 224), (1, 240), (2, 260))
     },
 }
-# Any other classification model of torchvision, by its name there (resnet50, convnext_tiny...).
-TORCHVISION_MODELS = tuple(n for n in tvm.list_models(module=tvm) if n not in ("inception_v3",))
+
+
+@functools.cache
+def torchvision_models():
+    """Any other classification model of torchvision, by its name there (resnet50...)."""
+    return tuple(n for n in _tvm().list_models(module=_tvm()) if n not in ("inception_v3",))
 
 
 def backbone_spec(name):
     """The registry entry for `name`; an unknown name is an error listing the valid ones."""
     if name in BACKBONES:
         return BACKBONES[name]
-    if name in TORCHVISION_MODELS:
+    if name in torchvision_models():
         return _torchvision_spec(name)
     raise UserError(
         f"unknown backbone '{name}' (valid: {', '.join(BACKBONES)}, or a torchvision "
-        f"classification model: {', '.join(TORCHVISION_MODELS)})"
+        f"classification model: {', '.join(torchvision_models())})"
     )
 
 
@@ -223,8 +243,8 @@ def _generic_body(model):
 @functools.cache
 def _torchvision_spec(name):
     with torch.device("meta"):  # shapes only: nothing is allocated or initialized
-        feature_dim = _last_linear(tvm.get_model(name))[2].in_features
-    spec, load = _torchvision(functools.partial(tvm.get_model, name), tvm.get_model_weights(name))
+        feature_dim = _last_linear(_tvm().get_model(name))[2].in_features
+    spec, load = _torchvision(name)
     return BackboneSpec(spec, feature_dim, load, _generic_body)
 
 
