@@ -131,14 +131,23 @@ def test_the_cut_benchmark_prints_its_ratio_last(archive, capsys):
     from transfer_study.bench.__main__ import main
 
     tiny = ["--images", "64", "--image-size", "32", "--trainable-layers", "3"]
-    result = main(["cut", *tiny, "--archive", str(archive), "--epochs", "2", "--test-images", "20"])
+    scored = ["--archive", str(archive), "--epochs", "2", "--test-images", "20", "--seeds", "2"]
+    result = main(["cut", *tiny, *scored])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == result and result["activation_shape"] == [192, 1, 1]
-    assert result["epoch_ratio"] > 0 and result["epochs"] == 2
-    # The same start, batches and flips: only the cache's fp16 rounding separates the paths
-    # (at most two of the 20 test images, on a borderline logit).
-    gap = result["test_accuracy_from_activations"] - result["test_accuracy_from_images"]
-    assert abs(gap) <= 0.1
+    assert result["epoch_ratio"] > 0 and result["epochs"] == 2 and result["seeds"] == 2
+    # The same start, batches and flips in each seed: only the cache's fp16 rounding separates
+    # the paths (at most two of the 20 test images, on a borderline logit).
+    by_seed = zip(
+        result["test_accuracy_from_activations_by_seed"],
+        result["test_accuracy_from_images_by_seed"],
+    )
+    assert all(abs(cached - images) <= 0.1 for cached, images in by_seed)
+    mean = sum(result["test_accuracy_from_images_by_seed"]) / 2
+    assert result["test_accuracy_from_images"] == pytest.approx(mean, abs=1e-4)
+    with pytest.raises(SystemExit) as exit:
+        main(["cut", "--seeds", "0"])
+    assert exit.value.code == 2 and "--seeds: accepts an integer >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit:
         main(["cut", "--model", "vgg16"])
     assert exit.value.code == 2

@@ -1,14 +1,15 @@
 """An epoch of partial fine-tuning from cached activations against one from images.
 
 python -m transfer_study.bench cut [--model lite0] [--trainable-layers 3] [--image-size 224]
-    [--images 512] [--archive cifar.tar.gz [--epochs 5 --test-images 1000]]
+    [--images 512] [--archive cifar.tar.gz [--epochs 5 --test-images 1000 --seeds 3]]
 
 The same images, the same trainable blocks and head, one process: from images, every batch
 runs the frozen part too (as training from pixels does); from activations, the frozen part ran
 once, before the epoch (featurize's job, timed apart). With --epochs, both paths train that
 many epochs from the same start, with the same batches and the same random flips (mirrored
-images, or their cached activations), and are scored on the archive's test images. The last
-line is JSON with the ratio (and both accuracies).
+images, or their cached activations), and are scored on the archive's test images; --seeds K
+repeats that with K draws of batches, flips and dropout, to show how far two runs of one path
+fall apart. The last line is JSON with the ratio (and both accuracies, means over the seeds).
 """
 
 import argparse
@@ -45,9 +46,12 @@ def arguments(argv):
     parser.add_argument("--archive", help="CIFAR-10 python archive (default: random images)")
     parser.add_argument("--epochs", type=int, default=0, help="train both paths and score them")
     parser.add_argument("--test-images", type=int, default=1000, help="scored, with --epochs")
+    parser.add_argument("--seeds", type=int, default=1, help="draws of batches, flips, dropout")
     args = parser.parse_args(argv)
     if args.epochs and not args.archive:
         parser.error("--epochs needs --archive (its test images are scored)")
+    if args.seeds < 1:
+        parser.error("--seeds: accepts an integer >= 1")
     return args
 
 
@@ -77,10 +81,10 @@ def _train_mode(network):
         norm.eval()
 
 
-def _epoch(network, optimizer, plain, mirrored, labels, epoch):
+def _epoch(network, optimizer, plain, mirrored, labels, epoch, seed):
     """Seconds of one epoch of optimizer steps: batch b of epoch e holds the same images, each
     mirrored or not, whatever the inputs are (images or their cached activations)."""
-    generator = torch.Generator().manual_seed(epoch)
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
     order = torch.randperm(len(labels), generator=generator)
     flips = torch.rand(len(labels), generator=generator) < 0.5
     _train_mode(network)
@@ -96,12 +100,13 @@ def _epoch(network, optimizer, plain, mirrored, labels, epoch):
     return time.perf_counter() - start
 
 
-def _train(network, plain, mirrored, labels, epochs):
+def _train(network, plain, mirrored, labels, epochs, seed):
     """Seconds of each epoch of Adam steps on the trainable parameters (one epoch at least)."""
-    torch.manual_seed(0)  # dropout draws the same in both paths
+    torch.manual_seed(seed)  # dropout draws the same in both paths
     trainable = [p for p in network.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=1e-4)
-    return [_epoch(network, optimizer, plain, mirrored, labels, e) for e in range(max(epochs, 1))]
+    epochs = range(max(epochs, 1))
+    return [_epoch(network, optimizer, plain, mirrored, labels, e, seed) for e in epochs]
 
 
 @torch.inference_mode()
@@ -131,25 +136,36 @@ def main(argv):
     with torch.inference_mode():  # what featurize caches, once, in fp16
         cached = [_run(frozen, x).to(torch.float16).float() for x in (plain, mirrored)]
     cache_seconds = time.perf_counter() - start
-    scored = {}
-    from_cache = nn.Sequential(above, head)
-    from_activations = _train(from_cache, *cached, labels, args.epochs)
+    from_cache, from_pixels = nn.Sequential(above, head), nn.Sequential(frozen, above, head)
     if args.epochs:
         with torch.inference_mode():
             test_cached = _run(frozen, test).to(torch.float16).float()
-        scored["test_accuracy_from_activations"] = _accuracy(from_cache, test_cached, test_labels)
-    above.load_state_dict(start_state[0])  # the same start for the images path
-    head.load_state_dict(start_state[1])
-    from_pixels = nn.Sequential(frozen, above, head)
-    from_images = _train(from_pixels, plain, mirrored, labels, args.epochs)
+    paths = {  # path -> (network, train inputs, test inputs)
+        "activations": (from_cache, cached, test_cached if args.epochs else None),
+        "images": (from_pixels, (plain, mirrored), test),
+    }
+    seconds, scores = {path: [] for path in paths}, {path: [] for path in paths}
+    for seed in range(args.seeds):
+        for path, (network, inputs, test_inputs) in paths.items():
+            above.load_state_dict(start_state[0])  # the same start for every run
+            head.load_state_dict(start_state[1])
+            seconds[path] += _train(network, *inputs, labels, args.epochs, seed)
+            if args.epochs:
+                scores[path].append(_accuracy(network, test_inputs, test_labels))
+    from_images, from_activations = seconds["images"], seconds["activations"]
+    scored = {}
     if args.epochs:
-        scored["test_accuracy_from_images"] = _accuracy(from_pixels, test, test_labels)
+        for path, accuracies in scores.items():
+            scored[f"test_accuracy_from_{path}"] = round(sum(accuracies) / len(accuracies), 4)
+        if args.seeds > 1:
+            scored |= {f"test_accuracy_from_{path}_by_seed": scores[path] for path in paths}
     result = {
         "model": name,
         "trainable_layers": layers,
         "image_size": args.image_size,
         "images": len(images),
-        "epochs": len(from_images),
+        "epochs": len(from_images) // args.seeds,
+        "seeds": args.seeds,
         "activation_shape": list(cached[0].shape[1:]),
         "cache_seconds": round(cache_seconds, 2),  # the plain and the mirrored images
         "epoch_seconds_from_images": round(min(from_images), 2),
