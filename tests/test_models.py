@@ -162,13 +162,24 @@ def test_trainable_layers_beyond_the_backbone_is_an_error():
         trainable_layers_net("vgg16", 14)
 
 
-def test_frozen_batch_norms_stay_in_eval_mode_while_training():
+def test_frozen_modules_stay_in_eval_mode_while_training():
     net = trainable_layers_net("resnet18", 1)  # the last BasicBlock of layer4 trains
     module = Classifier(net, section("resnet18").train, 10, pixels=True).train()
     body = net[0][1]
     assert not body.bn1.training and not body.layer4[0].bn1.training
     assert body.layer4[1].bn1.training and body.layer4[1].bn1.weight.requires_grad
     assert module.training
+    # Lite's frozen blocks drop no connection in training (it would make their output random):
+    # in train mode they give what featurize caches below the cut, every time.
+    net = trainable_layers_net("lite0", 3, weights="imagenet")  # random: zeros past block 1
+    Classifier(net, section("lite0").train, 10, pixels=True).train()
+    stages = backbone_spec("lite0").stages(net[0][1])
+    frozen = [m for m in stages if not any(p.requires_grad for p in m.parameters())]
+    assert 0 < len(frozen) < len(stages) and not any(m.block.training for m in frozen[1:])
+    below = torch.nn.Sequential(net[0][0], *frozen)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(below(images), below(images))
 
 
 def test_lr_decay_gives_each_block_its_rate():

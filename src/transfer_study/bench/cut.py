@@ -30,7 +30,7 @@ from transfer_study.nn.backbones import (
     feature_extractor,
     set_trainable_layers,
 )
-from transfer_study.nn.layers import frozen_batch_norms, mlp
+from transfer_study.nn.layers import frozen_modules, mlp
 from transfer_study.split import read_cifar10
 
 BATCH = 32  # images per optimizer step, params.yaml's train.batch_size
@@ -75,10 +75,10 @@ def _run(module, inputs):
 
 
 def _train_mode(network):
-    """Train mode, as the training module sets it: frozen batch norms stay in eval mode."""
+    """Train mode, as the training module sets it: frozen modules stay in eval mode."""
     network.train()
-    for norm in frozen_batch_norms(network):
-        norm.eval()
+    for module in frozen_modules(network):
+        module.eval()
 
 
 def _epoch(network, optimizer, plain, mirrored, labels, epoch, seed):

@@ -3,7 +3,6 @@
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from transfer_study.core.checks import ACTIVATIONS, NORMS
 
@@ -13,10 +12,16 @@ def activation_layer(name):
     return getattr(nn, ACTIVATIONS[name])()
 
 
-def frozen_batch_norms(net):
-    """The batch norms of `net` whose weights are frozen: in training they keep the statistics
-    they were trained with (ImageNet's), so they stay in eval mode."""
-    return [m for m in net.modules() if isinstance(m, _BatchNorm) and not m.weight.requires_grad]
+def frozen_modules(net):
+    """The modules of `net` with parameters, every one of them frozen: in training they stay in
+    eval mode, so that they compute what they were trained to (batch norms keep ImageNet's
+    statistics, Lite blocks drop no connection) and give an image the same output in every
+    epoch, the activations featurize caches below a cut."""
+    return [
+        m
+        for m in net.modules()
+        if any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters())
+    ]
 
 
 class Residual(nn.Sequential):

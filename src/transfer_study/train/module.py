@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from transfer_study.core import timing
-from transfer_study.nn.layers import augment, frozen_batch_norms
+from transfer_study.nn.layers import augment, frozen_modules
 from transfer_study.train.optim import build_optimizer, build_scheduler, scheduled, trainable_params
 
 
@@ -26,12 +26,12 @@ class Classifier(pl.LightningModule):
         self.param_groups = param_groups
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.frozen_norms = frozen_batch_norms(net)
+        self.frozen = frozen_modules(net)
 
     def train(self, mode=True):
         super().train(mode)
-        for norm in self.frozen_norms:
-            norm.eval()
+        for module in self.frozen:
+            module.eval()
         return self
 
     def forward(self, inputs):
