@@ -195,6 +195,17 @@ def test_lr_decay_gives_each_block_its_rate():
     assert sum(p.numel() for g in groups for p in g["params"]) == trainable
 
 
+def test_lr_decay_from_cached_activations_gives_each_block_above_the_cut_its_rate():
+    fields = {"weights": "none", "trainable_layers": 3, "image_size": 32, "lr_decay": 0.5}
+    lite0 = section("lite0", **fields, train={"lr": 0.01})
+    net = build_net("lite0", lite0, 10, STATS, activation_shape=[192, 1, 1])
+    groups = param_groups("lite0", lite0, net)
+    # head, then bn1, the head conv and the last MBConv block: the top 3 blocks, top first
+    assert [g["lr_scale"] for g in groups] == [1.0, 0.5, 0.25, 0.125]
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert sum(p.numel() for g in groups for p in g["params"]) == trainable
+
+
 def test_damaged_weights_files_get_one_line_and_run_nothing(tmp_path):
     good = tmp_path / "good.pth"
     torch.save(tvm.resnet18().state_dict(), good)

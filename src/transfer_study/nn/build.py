@@ -19,7 +19,7 @@ from transfer_study.nn.backbones import (
     load_tensors,
     set_trainable_layers,
 )
-from transfer_study.nn.layers import Preprocess, mlp
+from transfer_study.nn.layers import AboveCut, Preprocess, mlp
 
 MAX_IMAGE_SIDE = 4096  # pixels; far above the size any dataset here is stored at
 # Training holds each parameter four times in float32: the weight, its gradient and Adam's two
@@ -55,7 +55,7 @@ def build_net(
     head = mlp(backbone_spec(name).feature_dim, *_layers(section.head, num_classes))
     if activation_shape is not None:
         _, above = cut_below_trainable(name, extractor[1], section.trainable_layers)
-        return nn.Sequential(nn.Unflatten(1, tuple(activation_shape)), above, head)
+        return AboveCut(nn.Unflatten(1, tuple(activation_shape)), above, head)
     return nn.Sequential(extractor, head)
 
 

@@ -24,6 +24,11 @@ def frozen_modules(net):
     ]
 
 
+class AboveCut(nn.Sequential):
+    """(unflatten, the backbone's stages above a cut, head): a network that learns from the
+    activations cached at the cut, flattened one row an image."""
+
+
 class Residual(nn.Sequential):
     """Layers whose output is added to their input (same width): a skip connection."""
 

@@ -7,6 +7,7 @@ import torch
 from transfer_study.core.checks import OPTIMIZERS
 from transfer_study.core.config import MlpParams, uses_features
 from transfer_study.nn.backbones import backbone_spec
+from transfer_study.nn.layers import AboveCut
 
 
 def optimizer_class(name):
@@ -57,7 +58,7 @@ def param_groups(name, section, net):
     below it at lr * lr_decay**depth (depth 1 = the top block). None: one group at lr."""
     if uses_features(section) or isinstance(section, MlpParams) or section.lr_decay == 1:
         return None
-    if len(net) == 3:  # from cached activations: (unflatten, the backbone above the cut, head)
+    if isinstance(net, AboveCut):
         _, backbone, head = net
         blocks = backbone.blocks
     else:  # from images: (preprocessing and backbone, head)
