@@ -51,6 +51,14 @@ COMMANDS = {
     "-S ++lite0.train.max_epochs=10 -S ++lite0.train.patience=10 "
     "-S ++lite0.train.scheduler=cosine -S ++lite0.train.warmup_epochs=1 "
     "-S ++lite0.train.label_smoothing=0.1",
+    "partial_top5": "-S 'models={mlp: false, vgg16: false, inception: false}' "
+    "-S lite0.trainable_layers=5 -S lite0.lr_decay=0.8 -S 'lite0.head.hidden=[2048]' "
+    "-S lite0.head.activation=gelu -S lite0.head.dropout=0.6 -S train.hflip=true "
+    "-S evaluate.hflip=true -S ++lite0.train.optimizer=adamw -S ++lite0.train.lr=5e-4 "
+    "-S ++lite0.train.weight_decay=0.05 -S ++lite0.train.batch_size=256 "
+    "-S ++lite0.train.max_epochs=8 -S ++lite0.train.patience=8 "
+    "-S ++lite0.train.scheduler=cosine -S ++lite0.train.warmup_epochs=1 "
+    "-S ++lite0.train.label_smoothing=0.1",
 }
 
 
@@ -161,15 +169,21 @@ def test_fine_tuned_lite0_trains_every_layer_at_decaying_rates():
     )
 
 
-def test_partly_fine_tuned_lite0_trains_its_top_blocks_from_cached_activations():
-    p = random_lite0_params("partial")
+@pytest.mark.parametrize(("name", "blocks", "epochs"), [("partial", 3, 10), ("partial_top5", 5, 8)])
+def test_partly_fine_tuned_lite0_trains_its_top_blocks_from_cached_activations(
+    name, blocks, epochs
+):
+    p = random_lite0_params(name)
     lite0 = p.model("lite0")
     assert cached_inputs("lite0", lite0, p.train.crop) == "activations" and p.train.hflip
-    # Below the last MBConv block at 224 px: 192 x 7 x 7 values an image.
+    # Below the last MBConv block (3) or the last three (5) at 224 px: 192 x 7 x 7 values an image.
     net = build_net("lite0", lite0, 10, STATS, activation_shape=(192, 7, 7))
-    assert all(param.requires_grad for param in net.parameters())  # the top 3 blocks + head
+    assert all(param.requires_grad for param in net.parameters())  # the top blocks + head
+    assert len(net[1].blocks) == blocks
     assert linear_widths(net[2]) == [(1280, 2048), (2048, 10)]
     scales = [g["lr_scale"] for g in param_groups("lite0", lite0, net)]
-    assert scales == pytest.approx([1.0, 0.8, 0.64, 0.512])  # head, bn1, head conv, block
+    # head, then bn1, the head conv and the MBConv blocks, top first
+    assert scales == pytest.approx([0.8**depth for depth in range(blocks + 1)])
     train = lite0.train
     assert (train.optimizer, train.lr, train.weight_decay, train.crop) == ("adamw", 5e-4, 0.05, 0)
+    assert (train.max_epochs, train.patience) == (epochs, epochs)
