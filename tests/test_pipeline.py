@@ -278,7 +278,11 @@ def test_repro_runs_every_stage_and_writes_every_output(reproduced):
     evaluation = json.loads((project / "metrics/evaluate.json").read_text())
     assert set(evaluation) == set(MODELS)
     assert all({"test_accuracy", "test_loss"} <= m.keys() for m in evaluation.values())
-    assert "| lite0 |" in (project / "reports/report.md").read_text()
+    report = (project / "reports/report.md").read_text()
+    (lite0,) = [row.split(" | ") for row in report.splitlines() if row.startswith("| lite0 |")]
+    per_class = json.loads((project / "metrics/train_lite0.json").read_text())["train_images"] / 10
+    whole = per_class.is_integer()  # "12", not "12.0"
+    assert lite0[2] == (f"{per_class:,.0f}" if whole else f"{per_class:,.1f}")
 
 
 def test_second_repro_reruns_nothing(project):

@@ -227,7 +227,8 @@ def write_report(models, out_dir=paths.REPORT_DIR):
             {
                 "model": name,
                 "test accuracy": f"{evaluation[name]['test_accuracy']:.2%}",
-                "labeled per class": f"{labeled[name]:,}",
+                # 4,050 for a whole mean (not 4,050.0), 812.5 otherwise
+                "labeled per class": f"{labeled[name]:,.1f}".removesuffix(".0"),
                 "compute (s)": f"{seconds[name]:.1f}",
                 # The kept epoch's, as in its DVCLive summary.
                 "val accuracy": f"{_kept(histories[name], train)['val_acc']:.2%}",
