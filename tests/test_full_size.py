@@ -59,6 +59,15 @@ COMMANDS = {
     "-S ++lite0.train.max_epochs=8 -S ++lite0.train.patience=8 "
     "-S ++lite0.train.scheduler=cosine -S ++lite0.train.warmup_epochs=1 "
     "-S ++lite0.train.label_smoothing=0.1",
+    "partial_top6": "-S 'models={mlp: false, vgg16: false, inception: false}' "
+    "-S lite0.trainable_layers=6 -S lite0.lr_decay=0.8 -S 'lite0.head.hidden=[2048]' "
+    "-S lite0.head.activation=gelu -S lite0.head.dropout=0.6 -S train.hflip=true "
+    "-S evaluate.hflip=true -S ++lite0.train.optimizer=adamw -S ++lite0.train.lr=5e-4 "
+    "-S ++lite0.train.weight_decay=0.05 -S ++lite0.train.batch_size=256 "
+    "-S ++lite0.train.max_epochs=12 -S ++lite0.train.patience=12 "
+    "-S ++lite0.train.scheduler=cosine -S ++lite0.train.warmup_epochs=1 "
+    "-S ++lite0.train.label_smoothing=0.1 "
+    "-S ++lite0.train.precision=bf16-mixed",
 }
 
 
@@ -169,15 +178,23 @@ def test_fine_tuned_lite0_trains_every_layer_at_decaying_rates():
     )
 
 
-@pytest.mark.parametrize(("name", "blocks", "epochs"), [("partial", 3, 10), ("partial_top5", 5, 8)])
+@pytest.mark.parametrize(
+    ("name", "blocks", "epochs", "precision"),
+    [
+        ("partial", 3, 10, "32-true"),
+        ("partial_top5", 5, 8, "32-true"),
+        ("partial_top6", 6, 12, "bf16-mixed"),
+    ],
+)
 def test_partly_fine_tuned_lite0_trains_its_top_blocks_from_cached_activations(
-    name, blocks, epochs
+    name, blocks, epochs, precision
 ):
     p = random_lite0_params(name)
     lite0 = p.model("lite0")
     assert cached_inputs("lite0", lite0, p.train.crop) == "activations" and p.train.hflip
-    # Below the last MBConv block (3) or the last three (5) at 224 px: 192 x 7 x 7 values an image.
-    net = build_net("lite0", lite0, 10, STATS, activation_shape=(192, 7, 7))
+    # Below the last one to four MBConv blocks (N = 3 to 6) at 224 px: 192 x 7 x 7 values an image.
+    net = build_net("lite0", lite0, 10, STATS, activation_shape=(192, 7, 7)).eval()
+    assert net(torch.zeros(2, 192 * 7 * 7)).shape == (2, 10)
     assert all(param.requires_grad for param in net.parameters())  # the top blocks + head
     assert len(net[1].blocks) == blocks
     assert linear_widths(net[2]) == [(1280, 2048), (2048, 10)]
@@ -187,3 +204,4 @@ def test_partly_fine_tuned_lite0_trains_its_top_blocks_from_cached_activations(
     train = lite0.train
     assert (train.optimizer, train.lr, train.weight_decay, train.crop) == ("adamw", 5e-4, 0.05, 0)
     assert (train.max_epochs, train.patience) == (epochs, epochs)
+    assert resolve_precision(train) == precision
