@@ -383,11 +383,17 @@ def test_compile_param_compiles_the_trained_network(workdir, archive, monkeypatc
     assert len(compiled) == 1
 
 
-def test_dvclive_logs_each_epoch_and_summarizes_the_kept_one(workdir, archive):
+def test_dvclive_logs_each_epoch_and_summarizes_the_kept_one(workdir, archive, capsys):
     # A high lr makes val loss wander, so the kept epoch is rarely the last.
     p = params(archive, train={"max_epochs": 8, "patience": 3, "lr": 0.05})
     metrics = train_model("mlp", p)
     history = pd.read_csv(paths.history_file("mlp"))
+    # stdout is not a terminal under pytest: one line an epoch on stderr, as in a log file.
+    lines = [line for line in capsys.readouterr().err.splitlines() if " epoch " in line]
+    assert len(lines) == len(history)
+    last = history.iloc[-1]
+    assert lines[-1].startswith(f"mlp: epoch {len(history)}/8: train/loss {last['train_loss']:.4f}")
+    assert f"val/acc {last['val_acc']:.2%}" in lines[-1]
     kept = history.loc[history["val_loss"].idxmin()]
     summary = json.loads(paths.live_summary("mlp").read_text())
     assert summary == {

@@ -1,6 +1,7 @@
 """Live progress with DVCLive: each epoch's losses and accuracies, for dvc exp show and VS Code."""
 
 import sys
+import time
 
 import pytorch_lightning as pl
 from dvclive import Live
@@ -19,7 +20,9 @@ LOGGED = {
 class LiveProgress(pl.Callback):
     """Logs each epoch to dvclive/<model>/ (its step is the epoch, 1-based): the curves by epoch,
     and a summary (metrics.json) that DVC reads while the stage runs. `finish` then writes the
-    summary of the run: the values of the epoch whose weights the model keeps.
+    summary of the run: the values of the epoch whose weights the model keeps. When stdout is
+    not a terminal (a log file, CI, a batch job), where Lightning's progress bar shows only its
+    final state, each epoch also gets one line on stderr.
 
     `earlier`: the history of an interrupted run being resumed, logged again first, since DVC
     empties the folder before the stage runs.
@@ -29,6 +32,7 @@ class LiveProgress(pl.Callback):
         self.name = name
         self.earlier = earlier
         self.live = None
+        self.epoch_start = None
 
     def on_train_start(self, trainer, module):
         if not trainer.is_global_zero:  # one writer under DDP
@@ -45,12 +49,27 @@ class LiveProgress(pl.Callback):
             for _, row in done.iterrows():
                 self._log(int(row["epoch"]), {key: row[column] for key, column in LOGGED.items()})
 
+    def on_train_epoch_start(self, trainer, module):
+        self.epoch_start = time.perf_counter()
+
     def on_train_epoch_end(self, trainer, module):
         # Lightning validates before this hook, so both splits' epoch metrics are in.
+        metrics = trainer.callback_metrics
+        values = {key: float(metrics[key]) for key in LOGGED if key in metrics}
         if self.live is not None:
-            metrics = trainer.callback_metrics
-            values = {key: float(metrics[key]) for key in LOGGED if key in metrics}
             self._log(trainer.current_epoch + 1, values)
+        if trainer.is_global_zero and not sys.stdout.isatty():
+            shown = ", ".join(
+                f"{key} {value:.2%}" if key.endswith("acc") else f"{key} {value:.4f}"
+                for key, value in values.items()
+            )
+            seconds = time.perf_counter() - self.epoch_start
+            print(
+                f"{self.name}: epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {shown} "
+                f"({seconds:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _log(self, epoch, values):
         self.live.step = epoch
