@@ -20,6 +20,22 @@ FULL = (
     "-S data.dataset=folder -S data.path=../cifar10-train -S data.image_size=32 "
     "-S data.val_fraction=0.1"
 )
+
+
+def partial_command(blocks, epochs, extra=""):
+    """The docs' command for Lite0 with its top `blocks` fine-tuned from cached activations."""
+    return (
+        "-S 'models={mlp: false, vgg16: false, inception: false}' "
+        f"-S lite0.trainable_layers={blocks} -S lite0.lr_decay=0.8 -S 'lite0.head.hidden=[2048]' "
+        "-S lite0.head.activation=gelu -S lite0.head.dropout=0.6 -S train.hflip=true "
+        "-S evaluate.hflip=true -S ++lite0.train.optimizer=adamw -S ++lite0.train.lr=5e-4 "
+        "-S ++lite0.train.weight_decay=0.05 -S ++lite0.train.batch_size=256 "
+        f"-S ++lite0.train.max_epochs={epochs} -S ++lite0.train.patience={epochs} "
+        "-S ++lite0.train.scheduler=cosine -S ++lite0.train.warmup_epochs=1 "
+        "-S ++lite0.train.label_smoothing=0.1" + extra
+    )
+
+
 COMMANDS = {
     "mlp": "-S 'models={vgg16: false, inception: false, lite0: false}' "
     "-S 'mlp.hidden=[1024,1024,1024]' -S mlp.norm=batch -S mlp.residual=true "
@@ -43,31 +59,11 @@ COMMANDS = {
     "-S ++lite0.train.max_epochs=10 -S ++lite0.train.patience=10 "
     "-S ++lite0.train.scheduler=cosine -S ++lite0.train.warmup_epochs=1 "
     "-S ++lite0.train.label_smoothing=0.1 -S ++lite0.train.crop=4",
-    "partial": "-S 'models={mlp: false, vgg16: false, inception: false}' "
-    "-S lite0.trainable_layers=3 -S lite0.lr_decay=0.8 -S 'lite0.head.hidden=[2048]' "
-    "-S lite0.head.activation=gelu -S lite0.head.dropout=0.6 -S train.hflip=true "
-    "-S evaluate.hflip=true -S ++lite0.train.optimizer=adamw -S ++lite0.train.lr=5e-4 "
-    "-S ++lite0.train.weight_decay=0.05 -S ++lite0.train.batch_size=256 "
-    "-S ++lite0.train.max_epochs=10 -S ++lite0.train.patience=10 "
-    "-S ++lite0.train.scheduler=cosine -S ++lite0.train.warmup_epochs=1 "
-    "-S ++lite0.train.label_smoothing=0.1",
-    "partial_top5": "-S 'models={mlp: false, vgg16: false, inception: false}' "
-    "-S lite0.trainable_layers=5 -S lite0.lr_decay=0.8 -S 'lite0.head.hidden=[2048]' "
-    "-S lite0.head.activation=gelu -S lite0.head.dropout=0.6 -S train.hflip=true "
-    "-S evaluate.hflip=true -S ++lite0.train.optimizer=adamw -S ++lite0.train.lr=5e-4 "
-    "-S ++lite0.train.weight_decay=0.05 -S ++lite0.train.batch_size=256 "
-    "-S ++lite0.train.max_epochs=8 -S ++lite0.train.patience=8 "
-    "-S ++lite0.train.scheduler=cosine -S ++lite0.train.warmup_epochs=1 "
-    "-S ++lite0.train.label_smoothing=0.1",
-    "partial_top6": "-S 'models={mlp: false, vgg16: false, inception: false}' "
-    "-S lite0.trainable_layers=6 -S lite0.lr_decay=0.8 -S 'lite0.head.hidden=[2048]' "
-    "-S lite0.head.activation=gelu -S lite0.head.dropout=0.6 -S train.hflip=true "
-    "-S evaluate.hflip=true -S ++lite0.train.optimizer=adamw -S ++lite0.train.lr=5e-4 "
-    "-S ++lite0.train.weight_decay=0.05 -S ++lite0.train.batch_size=256 "
-    "-S ++lite0.train.max_epochs=12 -S ++lite0.train.patience=12 "
-    "-S ++lite0.train.scheduler=cosine -S ++lite0.train.warmup_epochs=1 "
-    "-S ++lite0.train.label_smoothing=0.1 "
-    "-S ++lite0.train.precision=bf16-mixed",
+    "partial": partial_command(blocks=3, epochs=10),
+    "partial_top5": partial_command(blocks=5, epochs=8),
+    "partial_top6": partial_command(
+        blocks=6, epochs=12, extra=" -S ++lite0.train.precision=bf16-mixed"
+    ),
 }
 
 
