@@ -1,4 +1,5 @@
-"""The CUDA path (bf16 autocast, channels_last, GPU-resident data); run with `pytest -m gpu`."""
+"""The CUDA path (bf16 or fp16 autocast, channels_last, GPU-resident data); run with
+`pytest -m gpu`."""
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from conftest import params
 from transfer_study.core import paths
 from transfer_study.featurize import featurize, prepare_extractor
 from transfer_study.nn.backbones import backbone_spec, feature_extractor
+from transfer_study.nn.device import LIGHTNING_PRECISION, autocast_dtype
 from transfer_study.train.fit import train_model
 
 pytestmark = [
@@ -16,12 +18,12 @@ pytestmark = [
 ]
 
 
-def test_cuda_bf16_features_match_cpu_fp32(tmp_path):
+def test_cuda_mixed_precision_features_match_cpu_fp32(tmp_path):
     torch.manual_seed(0)
     extractor = feature_extractor("vgg16", "none", 224)
     images = np.random.default_rng(0).integers(0, 256, (64, 3, 32, 32), dtype=np.uint8)
     outputs = {}
-    for device, dtype in (("cpu", None), ("cuda", "auto")):  # fp32 reference, bf16 default
+    for device, dtype in (("cpu", None), ("cuda", "auto")):  # fp32 reference, bf16 or fp16
         model = prepare_extractor(extractor, torch.device(device))
         featurize(
             model,
@@ -36,7 +38,8 @@ def test_cuda_bf16_features_match_cpu_fp32(tmp_path):
     assert error < 3e-2
 
 
-def test_training_on_the_gpu_in_bf16(workdir, archive):
+def test_training_on_the_gpu_in_mixed_precision(workdir, archive):
     metrics = train_model("mlp", params(archive))
-    assert metrics["precision"] == "bf16-mixed" and metrics["device"] != "cpu"
+    expected = LIGHTNING_PRECISION[autocast_dtype(torch.device("cuda"))]  # bf16, or fp16 on a T4
+    assert metrics["precision"] == expected and metrics["device"] != "cpu"
     assert paths.model_file("mlp").exists()

@@ -17,7 +17,12 @@ from transfer_study.core.config import cached_inputs
 from transfer_study.core.stage import UserError, launcher_variable, stop_if_signalled
 from transfer_study.data.splits import SPLITS, load_split
 from transfer_study.nn.backbones import count_params, cut_below_trainable, feature_extractor
-from transfer_study.nn.device import default_device, enable_fast_cuda, featurize_dtype
+from transfer_study.nn.device import (
+    DTYPE_NAMES,
+    default_device,
+    enable_fast_cuda,
+    featurize_dtype,
+)
 
 # Images per backbone call, to start with: CPU batches only need to amortize Python overhead;
 # GPU batches aim to fill the device (VGG16 at 224 px in bf16 takes ~6 GiB for 256 images) and
@@ -211,7 +216,7 @@ def featurize_model(name, section, hflip=False, crop=0):
         "seconds": round(time.perf_counter() - begun, 2),
         "images_per_second": {s: round(v, 1) for s, v in timings.items()},
         "device": str(device) if world == 1 else f"{world} x {device.type}",
-        "precision": "bf16" if featurize_dtype(device) else "fp32",
+        "precision": DTYPE_NAMES[featurize_dtype(device)],
     }
     write_json(paths.featurize_metrics(name), metrics)
     return metrics

@@ -25,7 +25,12 @@ from transfer_study.core.stage import exit_on_user_error
 from transfer_study.data.splits import channel_stats
 from transfer_study.featurize import BATCH_SIZE, featurize, prepare_extractor
 from transfer_study.nn.backbones import backbone_spec, feature_extractor
-from transfer_study.nn.device import default_device, enable_fast_cuda, featurize_dtype
+from transfer_study.nn.device import (
+    DTYPE_NAMES,
+    default_device,
+    enable_fast_cuda,
+    featurize_dtype,
+)
 from transfer_study.nn.layers import Preprocess, mlp
 from transfer_study.split import read_cifar10
 from transfer_study.train.loaders import make_loader
@@ -166,7 +171,7 @@ def bench_backbone(name, images, labels, size, device, weights, batch_size=32, h
         _sync(device)
         seconds = time.perf_counter() - start
         features = np.load(out)
-    precision = "bf16" if featurize_dtype(device) else "fp32"
+    precision = DTYPE_NAMES[featurize_dtype(device)]
     results["featurize_s"] = seconds
     results["featurize_images_per_s"] = len(labels) / seconds
     print(

@@ -9,14 +9,25 @@ def default_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast_dtype(device):
-    """bf16 on CUDA devices with bf16 matrix units (Ampere and newer), else None (fp32).
+# What each autocast dtype is called in the stages' metrics and in Lightning's `precision`.
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
+LIGHTNING_PRECISION = {torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed", None: "32-true"}
 
-    Matches what training's `precision: auto` picks, so evaluation computes as training did.
+
+def autocast_dtype(device):
+    """The autocast dtype on CUDA: bf16 where the GPU has bf16 units (Ampere and newer), else fp16,
+    which Volta and Turing (a hosted notebook's T4) run on their tensor cores; None (fp32) off
+    CUDA. Training's `precision: auto` picks the same (LIGHTNING_PRECISION), so evaluation
+    computes as training did.
+
+    Asked of the compute capability, not torch.cuda.is_bf16_supported(), which by default also
+    says yes on a T4, where bf16 is only emulated and runs slower than fp32.
     """
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if device.type != "cuda":
+        return None
+    if torch.version.hip or torch.cuda.get_device_capability(device)[0] >= 8:
         return torch.bfloat16
-    return None
+    return torch.float16
 
 
 def featurize_dtype(device):

@@ -21,7 +21,12 @@ from transfer_study.core.stage import UserError
 from transfer_study.data.splits import draw_per_class, read_array_file
 from transfer_study.nn.backbones import UnreadableTensors, count_params, load_tensors
 from transfer_study.nn.build import build_net, check_trainable, data_stats, load_inputs
-from transfer_study.nn.device import enable_fast_cuda, memory_bytes
+from transfer_study.nn.device import (
+    LIGHTNING_PRECISION,
+    autocast_dtype,
+    enable_fast_cuda,
+    memory_bytes,
+)
 from transfer_study.train.live import LiveProgress
 from transfer_study.train.loaders import InMemoryData, data_device, trains_on_gpu
 from transfer_study.train.module import Classifier
@@ -62,9 +67,13 @@ def _feature_meta(name, inputs, section):
 
 
 def resolve_precision(train):
+    """Lightning's precision: train.precision, or for auto, mixed precision in the dtype
+    autocast_dtype picks on the GPU (16-mixed scales the loss, as fp16 gradients need), fp32 on
+    the CPU."""
     if train.precision != "auto":
         return train.precision
-    return "bf16-mixed" if trains_on_gpu(train) and torch.cuda.is_bf16_supported() else "32-true"
+    device = torch.device("cuda" if trains_on_gpu(train) else "cpu")
+    return LIGHTNING_PRECISION[autocast_dtype(device)]
 
 
 def check_accelerator(train):
