@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -278,6 +279,10 @@ def test_repro_runs_every_stage_and_writes_every_output(reproduced):
     evaluation = json.loads((project / "metrics/evaluate.json").read_text())
     assert set(evaluation) == set(MODELS)
     assert all({"test_accuracy", "test_loss"} <= m.keys() for m in evaluation.values())
+    # Progress as a log gets it: no carriage return, at most a line a tenth of each pass (3
+    # backbones: train, val, test and mirrored test).
+    passes = Counter(re.findall(r"^(\w+ \w+): +\d+% \(", output, flags=re.M))
+    assert "\r" not in output and len(passes) >= 3 * 4 and max(passes.values()) <= 10, passes
     report = (project / "reports/report.md").read_text()
     (lite0,) = [row.split(" | ") for row in report.splitlines() if row.startswith("| lite0 |")]
     per_class = json.loads((project / "metrics/train_lite0.json").read_text())["train_images"] / 10

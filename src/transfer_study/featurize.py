@@ -9,11 +9,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from transfer_study.core import paths, timing
 from transfer_study.core.atomic import atomic_path, write_json
 from transfer_study.core.config import cached_inputs
+from transfer_study.core.progress import bars, progress
 from transfer_study.core.stage import UserError, launcher_variable, stop_if_signalled
 from transfer_study.data.splits import SPLITS, load_split
 from transfer_study.nn.backbones import count_params, cut_below_trainable, feature_extractor
@@ -75,7 +75,7 @@ def featurize(
     with (
         atomic_path(out_path) as tmp,
         open(tmp, "wb") as out,
-        tqdm(total=len(images), desc=desc, unit="img") as bar,
+        progress(len(images), desc) as bar,
     ):
         _write_header(out, len(images), feature_dim)
         first = 0
@@ -157,6 +157,7 @@ def featurize_model(name, section, hflip=False, crop=0):
     rank 0 joins the slices. A cache that would not fit on the disk is refused before any work.
     """
     rank, world, local_rank = torchrun_ranks()
+    bars()  # a bad TRANSFER_STUDY_PROGRESS is refused before any work
     device = default_device()
     if world > 1:
         dist.init_process_group("gloo")  # barriers only: the features travel through files

@@ -16,6 +16,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from transfer_study.core import paths
 from transfer_study.core.atomic import atomic_paths, json_text
+from transfer_study.core.progress import bars
 from transfer_study.core.config import MlpParams, cached_inputs
 from transfer_study.core.stage import UserError
 from transfer_study.data.splits import draw_per_class, read_array_file
@@ -27,7 +28,7 @@ from transfer_study.nn.device import (
     enable_fast_cuda,
     memory_bytes,
 )
-from transfer_study.train.live import LiveProgress
+from transfer_study.train.live import LiveProgress, progress_bar_callbacks
 from transfer_study.train.loaders import InMemoryData, data_device, trains_on_gpu
 from transfer_study.train.module import Classifier
 from transfer_study.train.optim import param_groups
@@ -93,6 +94,7 @@ def train_model(name, params, callbacks=()):
     section = params.model(name)
     train = section.train
     check_accelerator(train)
+    bars()  # a bad TRANSFER_STUDY_PROGRESS is refused before any work
     enable_fast_cuda()
     pl.seed_everything(params.seed, workers=True)
     inputs = cached_inputs(name, section, params.train.crop)
@@ -224,6 +226,7 @@ def _trainer(train, checkpoints, callbacks):
     stop = EarlyStopping(
         monitor="val/loss", mode="min", patience=train.patience, min_delta=train.min_delta
     )
+    show_bar, bar = progress_bar_callbacks()
     trainer = pl.Trainer(
         max_epochs=train.max_epochs,
         accelerator=train.accelerator,
@@ -233,7 +236,8 @@ def _trainer(train, checkpoints, callbacks):
         use_distributed_sampler=False,  # InMemoryData shards by rank itself
         precision=resolve_precision(train),
         deterministic=train.deterministic,
-        callbacks=[StopOnSignal(), best, stop, *callbacks],
+        callbacks=[StopOnSignal(), best, stop, *bar, *callbacks],
+        enable_progress_bar=show_bar,
         # One log folder per attempt: Lightning's CSV logger empties its folder when it starts.
         logger=CSVLogger(checkpoints, name="logs"),
         default_root_dir=checkpoints,

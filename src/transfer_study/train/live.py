@@ -5,9 +5,11 @@ import time
 
 import pytorch_lightning as pl
 from dvclive import Live
+from pytorch_lightning.callbacks import TQDMProgressBar
 
 from transfer_study.core import paths
 from transfer_study.core.atomic import write_json
+from transfer_study.core.progress import bars
 
 LOGGED = {
     "train/loss": "train_loss",
@@ -17,12 +19,24 @@ LOGGED = {
 }  # DVCLive's name -> the history's column
 
 
+def progress_bar_callbacks():
+    """Lightning's progress bar, as core.progress decides: its default (Rich) on a terminal, a
+    tqdm bar when bars are wanted elsewhere (a notebook streaming a stage's output renders its
+    carriage returns; Rich draws nothing off a terminal), none for lines. Returns (the Trainer's
+    enable_progress_bar, callbacks)."""
+    if not bars():
+        return False, []
+    if sys.stdout.isatty():
+        return True, []
+    return True, [TQDMProgressBar()]
+
+
 class LiveProgress(pl.Callback):
     """Logs each epoch to dvclive/<model>/ (its step is the epoch, 1-based): the curves by epoch,
     and a summary (metrics.json) that DVC reads while the stage runs. `finish` then writes the
-    summary of the run: the values of the epoch whose weights the model keeps. When stdout is
-    not a terminal (a log file, CI, a batch job), where Lightning's progress bar shows only its
-    final state, each epoch also gets one line on stderr.
+    summary of the run: the values of the epoch whose weights the model keeps. Where progress
+    shows as lines (a log file, CI, a batch job: core.progress), each epoch also gets one line
+    on stderr.
 
     `earlier`: the history of an interrupted run being resumed, logged again first, since DVC
     empties the folder before the stage runs.
@@ -58,7 +72,7 @@ class LiveProgress(pl.Callback):
         values = {key: float(metrics[key]) for key in LOGGED if key in metrics}
         if self.live is not None:
             self._log(trainer.current_epoch + 1, values)
-        if trainer.is_global_zero and not sys.stdout.isatty():
+        if trainer.is_global_zero and not bars():
             shown = ", ".join(
                 f"{key} {value:.2%}" if key.endswith("acc") else f"{key} {value:.4f}"
                 for key, value in values.items()

@@ -1,0 +1,70 @@
+"""How stages show progress: redrawn bars on a terminal or in a notebook, a few lines in a log."""
+
+import os
+import sys
+import time
+
+from tqdm import tqdm
+
+from transfer_study.core.stage import UserError
+
+# bar: bars redrawn in place (a terminal; a notebook, which renders carriage returns); lines: a
+# line now and then, for a log file; auto: bars when stdout and stderr are both a terminal (DVC
+# and Lightning write to one, tqdm to the other), else lines.
+VARIABLE = "TRANSFER_STUDY_PROGRESS"
+MODES = ("auto", "bar", "lines")
+LINE_EVERY = 0.1  # of a pass: a log gets at most 10 lines per pass over a split
+
+
+def bars():
+    """Whether progress is drawn as bars (else printed as lines), from TRANSFER_STUDY_PROGRESS.
+    Stages call it before any work, so a bad value is refused at once."""
+    mode = os.environ.get(VARIABLE, "auto")
+    if mode not in MODES:
+        shown = repr(mode[:40]) + ("..." if len(mode) > 40 else "")
+        raise UserError(f"environment variable {VARIABLE} = {shown}: accepts {', '.join(MODES)}")
+    return mode == "bar" or (mode == "auto" and sys.stdout.isatty() and sys.stderr.isatty())
+
+
+def progress(total, desc, unit="img"):
+    """A tqdm bar on stderr, or in lines mode a LogLines: both take update(n) and write(text)."""
+    if bars():
+        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr)
+    return LogLines(total, desc, unit)
+
+
+class LogLines:
+    """Progress for a log file: one line each time another tenth of the work is done, with the
+    rate and the time left, and never a carriage return."""
+
+    def __init__(self, total, desc, unit):
+        self.total, self.desc, self.unit = total, desc, unit
+        self.done = 0
+        self.next_line = LINE_EVERY * total
+        self.start = time.perf_counter()
+
+    def update(self, count):
+        self.done += count
+        if self.done >= self.next_line or self.done == self.total:
+            while self.next_line <= self.done:
+                self.next_line += LINE_EVERY * self.total
+            self.write(
+                tqdm.format_meter(
+                    self.done,
+                    self.total,
+                    time.perf_counter() - self.start,
+                    prefix=self.desc,
+                    unit=self.unit,
+                    bar_format="{desc}: {percentage:3.0f}% ({n_fmt}/{total_fmt} {unit}) "
+                    "{elapsed}, {rate_fmt}, {remaining} left",
+                )
+            )
+
+    def write(self, text, file=None):
+        print(text, file=file or sys.stderr, flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
