@@ -5,7 +5,7 @@ import pytest
 import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
 
-from transfer_study.core.progress import VARIABLE, bars
+from transfer_study.core.progress import VARIABLE, bars, progress
 from transfer_study.core.stage import UserError
 from transfer_study.featurize import featurize
 from transfer_study.train.live import progress_bar_callbacks
@@ -57,3 +57,11 @@ def test_a_bad_progress_variable_is_one_line_naming_it(monkeypatch, value):
     with pytest.raises(UserError) as error:
         bars()
     assert "\n" not in str(error.value) and len(str(error.value)) < 150
+
+
+def test_a_download_of_unknown_size_gets_one_line_at_its_end(capsys):
+    with progress(None, "download x.tar.gz", unit="B", unit_scale=True) as bar:
+        for _ in range(50):
+            bar.update(1 << 20)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("download x.tar.gz: 52.4MB ") and "B/s" in line

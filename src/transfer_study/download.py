@@ -10,10 +10,9 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
-from tqdm import tqdm
-
 from transfer_study.core import paths
 from transfer_study.core.atomic import atomic_path, write_json
+from transfer_study.core.progress import progress
 from transfer_study.core.stage import UserError
 from transfer_study.data.catalog import DATASETS
 
@@ -78,7 +77,7 @@ def _fetch_once(url, dest, md5, timeout):
     with atomic_path(dest) as tmp:
         digest = hashlib.md5()
         with _open(url, timeout) as (source, size), tmp.open("wb") as out:
-            with tqdm(total=size, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
+            with progress(size, f"download {dest.name}", unit="B", unit_scale=True) as bar:
                 while chunk := _read(source):
                     out.write(chunk)
                     digest.update(chunk)

@@ -13,8 +13,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image, ImageOps
-from tqdm import tqdm
 
+from transfer_study.core.progress import progress
 from transfer_study.core.stage import UserError
 from transfer_study.data.catalog import DATASETS
 from transfer_study.data.splits import Split
@@ -275,7 +275,7 @@ def _read_classes(folder, image_size, bad_images, skipped, classes=None):
             raise UserError(f"class folder {folder / name} holds no images ({suffixes})")
     images, labels = [], []
     total = sum(len(paths) for paths in files.values())
-    with tqdm(total=total, desc=f"decode {folder.name}", unit="img") as bar:
+    with progress(total, f"decode {folder.name}") as bar:
         for name, paths in files.items():
             for path in paths:
                 pixels = _decode_image(path, image_size, bad_images)

@@ -26,39 +26,50 @@ def bars():
     return mode == "bar" or (mode == "auto" and sys.stdout.isatty() and sys.stderr.isatty())
 
 
-def progress(total, desc, unit="img"):
-    """A tqdm bar on stderr, or in lines mode a LogLines: both take update(n) and write(text)."""
+def progress(total, desc, unit="img", unit_scale=False):
+    """A tqdm bar on stderr, or in lines mode a LogLines: both take update(n) and write(text).
+    `total` may be None (a download of unknown size); `unit_scale`: 85.6M, not 85600000."""
     if bars():
-        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr)
-    return LogLines(total, desc, unit)
+        return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, file=sys.stderr)
+    return LogLines(total, desc, unit, unit_scale)
 
 
 class LogLines:
     """Progress for a log file: one line each time another tenth of the work is done, with the
-    rate and the time left, and never a carriage return."""
+    rate and the time left, and never a carriage return. Of unknown total, one line at the end."""
 
-    def __init__(self, total, desc, unit):
-        self.total, self.desc, self.unit = total, desc, unit
+    def __init__(self, total, desc, unit, unit_scale=False):
+        self.total, self.desc, self.unit, self.unit_scale = total, desc, unit, unit_scale
         self.done = 0
-        self.next_line = LINE_EVERY * total
+        self.next_line = LINE_EVERY * total if total else float("inf")
         self.start = time.perf_counter()
 
-    def update(self, count):
+    def update(self, count=1):
         self.done += count
-        if self.done >= self.next_line or self.done == self.total:
+        if self.done >= self.next_line:
             while self.next_line <= self.done:
                 self.next_line += LINE_EVERY * self.total
-            self.write(
-                tqdm.format_meter(
-                    self.done,
-                    self.total,
-                    time.perf_counter() - self.start,
-                    prefix=self.desc,
-                    unit=self.unit,
-                    bar_format="{desc}: {percentage:3.0f}% ({n_fmt}/{total_fmt} {unit}) "
-                    "{elapsed}, {rate_fmt}, {remaining} left",
-                )
+            self._line()
+
+    def _line(self):
+        unit = "{unit}" if self.unit_scale else " {unit}"  # 52.4MB, 1000/1000 img
+        if self.total:
+            shape = "{percentage:3.0f}% ({n_fmt}/{total_fmt}" + unit + ") {elapsed}, {rate_fmt}"
+            shape += ", {remaining} left"
+        else:
+            shape = "{n_fmt}" + unit + " {elapsed}, {rate_fmt}"
+        elapsed = time.perf_counter() - self.start
+        self.write(
+            tqdm.format_meter(
+                self.done,
+                self.total,
+                elapsed,
+                prefix=self.desc,
+                unit=self.unit,
+                unit_scale=self.unit_scale,
+                bar_format="{desc}: " + shape,
             )
+        )
 
     def write(self, text, file=None):
         print(text, file=file or sys.stderr, flush=True)
@@ -67,4 +78,6 @@ class LogLines:
         return self
 
     def __exit__(self, *exc):
+        if not self.total and self.done and exc[0] is None:
+            self._line()
         return False
