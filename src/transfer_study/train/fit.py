@@ -16,8 +16,8 @@ from pytorch_lightning.loggers import CSVLogger
 
 from transfer_study.core import paths
 from transfer_study.core.atomic import atomic_paths, json_text
-from transfer_study.core.progress import bars
 from transfer_study.core.config import MlpParams, cached_inputs
+from transfer_study.core.progress import bars
 from transfer_study.core.stage import UserError
 from transfer_study.data.splits import draw_per_class, read_array_file
 from transfer_study.nn.backbones import UnreadableTensors, count_params, load_tensors
