@@ -1,8 +1,11 @@
 """The notebook, run top to bottom by papermill as a student runs it, in a copy of the reproduced
-tiny study (offline, on the CPU), and checked by what its cells printed and showed."""
+tiny study (offline, on the CPU), and checked by what its cells printed and showed. Its run is
+also the suite's end-to-end run of a study with models left out (VGG16 and InceptionV3) and of a
+queued grid whose `data.url` is relative to the project."""
 
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -10,39 +13,53 @@ import nbformat
 import pytest
 import yaml
 from conftest import REPO, background_fixtures, needs
-from test_pipeline import DECLARED, finished, reproduced, stages_run
+from test_pipeline import DECLARED, finished, plotted_models, reproduced, run, stages_run
 
 NOTEBOOK = Path(REPO) / "notebooks" / "run_the_study.ipynb"
-MODELS = ["mlp", "lite0"]
+KEPT = ["mlp", "lite0"]  # in the notebook's study
+LEFT_OUT = ["inception", "vgg16"]  # the reproduced study's other models
+GRID = {"labels-1": 3, "labels-2": 5}  # the queued experiments: train.per_class
 
 
 @needs("reproduced")
 def executed_notebook(runs):
-    """The notebook executed with tiny parameters: the tiny study's archive and sizes, MLP and
-    Lite0 only, an MLP change to compare, a grid of one per_class value. {project, seconds}."""
+    """The notebook executed with tiny parameters: the tiny study's archive (beside the project,
+    by a relative path) and sizes, MLP and Lite0 only, an MLP change to compare, a grid of two
+    per_class values. {project, seconds, each queued experiment's log, `dvc plots diff --json`
+    of the grid, `dvc exp show --json`}."""
     import papermill
 
     root = finished(runs, "notebook")
     archive = yaml.safe_load((root / "params.yaml").read_text())["data"]["url"]
+    (root.parent / "mirror").mkdir()
+    # The same bytes beside the project: the split's arrays stay the same.
+    shutil.copy(archive, root.parent / "mirror" / "cifar.tar.gz")
     started = time.monotonic()
     papermill.execute_notebook(
         str(NOTEBOOK),
         str(root / "executed.ipynb"),
         parameters={
-            "DATA": archive,
+            "DATA": "../mirror/cifar.tar.gz",
             "DATA_MD5": None,
-            "MODELS": MODELS,
+            "MODELS": KEPT,
             "IMAGE_SIZES": {"lite0": 32},
             "EPOCHS": 2,
             "EXTRA": ["lite0.weights=none"],
             "CHANGE": "mlp.dropout=0.5",  # the MLP's alone: one training stage reruns
-            "PER_CLASS": [3],
+            "PER_CLASS": list(GRID.values()),
         },
         cwd=str(root),
         kernel_name="python3",
         progress_bar=False,
     )
-    return {"project": root, "seconds": round(time.monotonic() - started, 1)}
+    seconds = round(time.monotonic() - started, 1)
+    return {
+        "project": root,
+        "seconds": seconds,
+        "logs": {name: run(root, "dvc", "queue", "logs", name) for name in GRID},
+        "plots": json.loads(run(root, "dvc", "plots", "diff", "--json", *GRID)),
+        "shown": json.loads(run(root, "dvc", "exp", "show", "--json")),
+    }
 
 
 RUNS = [reproduced, executed_notebook]
@@ -73,8 +90,8 @@ def test_the_answer_table_holds_what_the_pipeline_measured(executed):
     _, shown = outputs(notebook, "answer-table")
     (table,) = shown["text/plain"]
     rows = dict(re.findall(r"^(\w+)\s+([\d.]+)\s", table, flags=re.M))
-    assert list(rows) == MODELS  # the study's models, in report order, nothing else
-    for name in MODELS:
+    assert list(rows) == KEPT  # the study's models, in report order, nothing else
+    for name in KEPT:
         assert float(rows[name]) == pytest.approx(evaluation[name]["test_accuracy"], abs=1e-4)
 
 
@@ -82,10 +99,30 @@ def test_the_figures_are_the_reports_and_the_best_models(executed):
     project, notebook = executed
     printed, shown = outputs(notebook, "figures")
     evaluation = json.loads((project / "metrics/evaluate.json").read_text())
-    best = max(MODELS, key=lambda m: evaluation[m]["test_accuracy"])
+    best = max(KEPT, key=lambda m: evaluation[m]["test_accuracy"])
     names = ["learning_curves", "cost", f"confusion_{best}", f"misclassified_{best}"]
     assert printed.split() == [f"reports/figures/{name}.png" for name in names]
     assert len(shown["image/png"]) == 4
+
+
+def test_left_out_models_rerun_only_their_own_stages_and_leave_the_report(executed):
+    project, notebook = executed
+    printed, _ = outputs(notebook, "study")
+    # Their stages rerun to write markers; mlp's and lite0's do not rerun at all. Download and
+    # split rerun for the new (relative) data.url, and give the same arrays.
+    assert stages_run(printed) == sorted(
+        ["download", "split", "evaluate", "report"]
+        + [f"{s}_{m}" for s in ("featurize", "train") for m in LEFT_OUT]
+    )
+    # The notebook ends with the study applied to the workspace again.
+    assert json.loads((project / "metrics/train_vgg16.json").read_text()) == {"skipped": True}
+    assert set(json.loads((project / "metrics/evaluate.json").read_text())) == set(KEPT)
+    report = (project / "reports/report.md").read_text()
+    assert "| lite0 |" in report and "| vgg16 |" not in report
+    models = plotted_models(project)  # no left-out model on any plot or legend
+    assert all(shown == set(KEPT) for title, shown in models.items() if title != "images")
+    assert not [image for image in models["images"] if "vgg16" in image or "inception" in image]
+    assert not (project / "reports/figures/confusion_vgg16.png").exists()
 
 
 def test_the_change_reruns_only_its_stages_and_is_compared(executed):
@@ -103,15 +140,42 @@ def test_the_change_reruns_only_its_stages_and_is_compared(executed):
 def test_the_labels_grid_says_its_time_first_and_draws_the_curve(executed):
     project, notebook = executed
     printed, _ = outputs(notebook, "grid")
-    estimate = printed.index("1 experiment, one after another: roughly")
+    estimate = printed.index("2 experiments, one after another: roughly")
     assert estimate < printed.index("Running stage")
-    assert stages_run(printed) == sorted(["evaluate", "report", *(f"train_{m}" for m in DECLARED)])
     _, shown = outputs(notebook, "labels-curve")
     assert len(shown["image/png"]) == 1
     (curve,) = shown["text/plain"][1:]  # the figure's text, then the table's
-    assert re.search(r"^3\.0\s+[\d.]+\s+[\d.]+$", curve, flags=re.M)  # the grid's point
+    for per_class in GRID.values():  # the grid's points, then the study's: every label
+        assert re.search(rf"^{per_class}\.0\s+[\d.]+\s+[\d.]+$", curve, flags=re.M)
     per_class = json.loads((project / "metrics/train_mlp.json").read_text())["train_images"] / 10
-    assert re.search(rf"^{per_class}\s", curve, flags=re.M)  # the study's, every label
+    assert re.search(rf"^{per_class}\s", curve, flags=re.M)
+
+
+def test_a_queued_per_class_grid_trains_only_and_its_plots_diff_is_the_curve(executed_notebook):
+    """Queued experiments run in a copy under .dvc/tmp/exps/, yet `data.url` relative to the
+    project finds the archive beside the project."""
+    logs = executed_notebook["logs"]
+    # Cached features serve every size: the experiments train, evaluate and report, and
+    # featurize nothing.
+    trained = {"evaluate", "report", *(f"train_{m}" for m in DECLARED)}
+    for log in logs.values():
+        assert trained <= set(stages_run(log)) <= trained | {"download", "split"}
+    results = {}
+    for baseline in executed_notebook["shown"]:
+        queued = [e for e in baseline.get("experiments") or [] if e["revs"][0]["name"] in logs]
+        for experiment in queued:  # not the study's own experiments
+            data = experiment["revs"][0]["data"]
+            per_class = data["params"]["params.yaml"]["data"]["train"]["per_class"]
+            results[per_class] = data["metrics"]["metrics/evaluate.json"]["data"]["mlp"]
+    assert set(results) == set(GRID.values()) and results[3] != results[5]
+    # `dvc plots diff` of the grid is the curve: one chart, a point per model and experiment.
+    plots = executed_notebook["plots"]["data"]
+    (curve,) = plots["Test accuracy against labeled train images per class"]
+    assert sorted(curve["revisions"]) == sorted(GRID) and "facet" not in curve["content"]
+    points = curve["content"]["data"]["values"]
+    assert {(p["model"], p["labeled_per_class"]) for p in points} == {
+        (m, str(n)) for m in KEPT for n in GRID.values()
+    }
 
 
 def test_the_committed_notebook_holds_no_outputs_and_a_parameters_cell():

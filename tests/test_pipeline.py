@@ -3,7 +3,8 @@
 `dvc repro` of the tiny study runs once; each run that changes something works on a copy of
 that finished project (its git history and DVC cache with it), so that every test passes alone
 and in any order. The runs are background runs (conftest): started before the first test, in
-a worker process, while the other tests run. Each test checks what its own run did.
+a worker process, while the other tests run. Each test checks what its own run did. A study
+with models left out and a queued grid run through the notebook: tests/test_notebook.py.
 """
 
 import csv
@@ -33,8 +34,6 @@ from conftest import (
 )
 
 MODELS = ["mlp", "vgg16", "inception", "lite0"]  # in the study
-LEFT_OUT = ["inception", "vgg16"]  # by the left-out test
-KEPT = ["mlp", "lite0"]  # the others
 DECLARED = [*MODELS, "lite1", "lite2", "resnet50"]  # with stages in dvc.yaml; the last three
 # are off in params.yaml: their stages write markers only
 ALL_STAGES = [
@@ -190,56 +189,8 @@ def interrupted_then_mlp_change(runs):
     return steps
 
 
-def run_queue(root):
-    """`dvc queue start`, then wait until every queued experiment ended: (`dvc queue status`,
-    the logs of those that failed)."""
-    run(root, "dvc", "queue", "start")
-    results = root / ".dvc/tmp/exps/celery/result"  # a file per ended experiment (DVC's celery)
-    deadline = time.monotonic() + 600
-    while re.search(r"\b(Queued|Running)\b", status := run(root, "dvc", "queue", "status")):
-        assert time.monotonic() < deadline, status
-        # `dvc queue status` costs a second of CPU: ask again once an experiment ended, or
-        # after 15 s at most (wherever DVC keeps its results).
-        ended, ask_at = len(list(results.glob("*"))), time.monotonic() + 15
-        while len(list(results.glob("*"))) == ended and time.monotonic() < ask_at:
-            time.sleep(0.5)
-    failed = re.findall(r"^\w+\s+(\S+)\s.*\bFailed\b", status, flags=re.M)
-    return status, "".join(run(root, "dvc", "queue", "logs", n) for n in failed)
-
-
-@needs("reproduced")
-def left_out_then_grid(runs):
-    """VGG16 and InceptionV3 left out of the reproduced study by `dvc exp run`, then, from that
-    workspace, a queued grid over train.per_class whose `data.url` is relative to the project:
-    {project, the exp run's output, `dvc queue status`, the failed logs, each experiment's log,
-    `dvc plots diff --json` and `dvc exp show --json` over the experiments}."""
-    root = finished(runs, "left_out")
-    left_out = run(root, "dvc", "exp", "run", "-S", "models={vgg16: false, inception: false}")
-    archive = yaml.safe_load((root / "params.yaml").read_text())["data"]["url"]
-    (root.parent / "mirror").mkdir()
-    # The same bytes beside the project: the split's arrays stay the same.
-    shutil.copy(archive, root.parent / "mirror" / "cifar.tar.gz")
-    run(
-        root,
-        *("dvc", "exp", "run", "--queue", "-S", "data.url=../mirror/cifar.tar.gz"),
-        *("-S", "train.per_class=3,5"),
-    )
-    status, failed = run_queue(root)
-    names = re.findall(r"^\w+\s+(\S+)\s.*\bSuccess\b", status, flags=re.M)
-    return {
-        "project": root,
-        "left out": left_out,
-        "status": status,
-        "failed": failed,
-        "logs": {name: run(root, "dvc", "queue", "logs", name) for name in names},
-        "plots": json.loads(run(root, "dvc", "plots", "diff", "--json", *names)),
-        "shown": json.loads(run(root, "dvc", "exp", "show", "--json")),
-    }
-
-
 RUNS = [  # each one's name is the fixture of its result
     reproduced,
-    left_out_then_grid,  # the longest of those that wait for it (two queued experiments)
     new_lr,
     interrupted_then_mlp_change,
     vgg16_image_size,
@@ -384,48 +335,3 @@ def test_plots_show_tells_every_model_apart(project):
     assert {f"confusion_{m}.png" for m in MODELS} <= models["images"]
     html = run(project, "dvc", "plots", "show", "-o", "plots_html")
     assert "index.html" in html and (project / "plots_html" / "index.html").exists()
-
-
-def test_left_out_models_rerun_only_their_own_stages_and_leave_the_report(left_out_then_grid):
-    project, output = Path(left_out_then_grid["project"]), left_out_then_grid["left out"]
-    # Their stages rerun to write markers; mlp's and lite0's do not rerun at all.
-    assert stages_run(output) == sorted(
-        ["evaluate", "report", *(f"{s}_{m}" for s in ("featurize", "train") for m in LEFT_OUT)]
-    )
-    assert json.loads((project / "metrics/train_vgg16.json").read_text()) == {"skipped": True}
-    assert set(json.loads((project / "metrics/evaluate.json").read_text())) == set(KEPT)
-    report = (project / "reports/report.md").read_text()
-    assert "| lite0 |" in report and "| vgg16 |" not in report
-    models = plotted_models(project)  # no left-out model on any plot or legend
-    assert all(shown == set(KEPT) for title, shown in models.items() if title != "images")
-    assert not [image for image in models["images"] if "vgg16" in image or "inception" in image]
-    assert not (project / "reports/figures/confusion_vgg16.png").exists()
-
-
-def test_a_queued_per_class_grid_trains_only_and_its_plots_diff_is_the_curve(left_out_then_grid):
-    """Queued experiments run in a copy under .dvc/tmp/exps/, yet `data.url` relative to the
-    project finds the archive beside the project."""
-    grid = left_out_then_grid
-    status, failed, logs = grid["status"], grid["failed"], grid["logs"]
-    assert failed == "" and len(logs) == 2, status + failed
-    # Cached features serve every size: the experiments train, evaluate and report, and
-    # featurize nothing. Download and split rerun for the new url (or come from DVC's run
-    # cache, for the second experiment), and give the same arrays.
-    trained = {"evaluate", "report", *(f"train_{m}" for m in DECLARED)}
-    for log in logs.values():
-        assert trained <= set(stages_run(log)) <= trained | {"download", "split"}
-    results = {}
-    for baseline in grid["shown"]:
-        queued = [e for e in baseline.get("experiments") or [] if e["revs"][0]["name"] in logs]
-        for experiment in queued:  # not the left-out study's own experiment
-            data = experiment["revs"][0]["data"]
-            per_class = data["params"]["params.yaml"]["data"]["train"]["per_class"]
-            results[per_class] = data["metrics"]["metrics/evaluate.json"]["data"]["mlp"]
-    assert set(results) == {3, 5} and results[3] != results[5]
-    # `dvc plots diff` of the grid is the curve: one chart, a point per model and experiment.
-    (curve,) = grid["plots"]["data"]["Test accuracy against labeled train images per class"]
-    assert sorted(curve["revisions"]) == sorted(logs) and "facet" not in curve["content"]
-    points = curve["content"]["data"]["values"]
-    assert {(p["model"], p["labeled_per_class"]) for p in points} == {
-        (m, n) for m in KEPT for n in ("3", "5")
-    }
