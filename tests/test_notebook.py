@@ -15,7 +15,12 @@ import yaml
 from conftest import REPO, background_fixtures, needs
 from test_pipeline import DECLARED, finished, plotted_models, reproduced, run, stages_run
 
+from transfer_study import notebook
+from transfer_study.notebook import StudyError, overrides, settings
+
 NOTEBOOK = Path(REPO) / "notebooks" / "run_the_study.ipynb"
+SOURCES = Path(REPO).parent / "shared" / "datasets" / "SOURCES.json"
+SAMPLE = SOURCES.with_name("cifar-10-sample-python.tar.gz")
 KEPT = ["mlp", "lite0"]  # in the notebook's study
 LEFT_OUT = ["inception", "vgg16"]  # the reproduced study's other models
 GRID = {"labels-1": 3, "labels-2": 5}  # the queued experiments: train.per_class
@@ -23,39 +28,48 @@ GRID = {"labels-1": 3, "labels-2": 5}  # the queued experiments: train.per_class
 
 @needs("reproduced")
 def executed_notebook(runs):
-    """The notebook executed with tiny parameters: the tiny study's archive (beside the project,
-    by a relative path) and sizes, MLP and Lite0 only, an MLP change to compare, a grid of two
-    per_class values. {project, seconds, each queued experiment's log, `dvc plots diff --json`
-    of the grid, `dvc exp show --json`}."""
+    """The notebook executed with tiny parameters in a copy of the reproduced tiny study: the
+    CIFAR-10 sample beside the project, read by a relative path with its md5 checked (the
+    fake archive where ../shared is absent), capped at the tiny study's sizes; MLP and Lite0
+    only; an MLP change to compare; a grid of two per_class values. {project, seconds, what
+    `dvc status` said with VGG16 and InceptionV3 switched off, each queued experiment's log,
+    `dvc plots diff --json` of the grid, `dvc exp show --json`}."""
     import papermill
 
     root = finished(runs, "notebook")
-    archive = yaml.safe_load((root / "params.yaml").read_text())["data"]["url"]
+    params = root / "params.yaml"
+    committed = yaml.safe_load(params.read_text())
+    switched = {**committed, "models": {**committed["models"], **dict.fromkeys(LEFT_OUT, False)}}
+    params.write_text(yaml.safe_dump(switched, sort_keys=False))
+    left_out = json.loads(run(root, "dvc", "status", "--json"))
+    run(root, "git", "checkout", "params.yaml")
     (root.parent / "mirror").mkdir()
-    # The same bytes beside the project: the split's arrays stay the same.
-    shutil.copy(archive, root.parent / "mirror" / "cifar.tar.gz")
+    data, md5 = committed["data"]["url"], None
+    if SAMPLE.exists():
+        data, md5 = SAMPLE, json.loads(SOURCES.read_text())[SAMPLE.name]["md5"]
+    shutil.copy(data, root.parent / "mirror" / "cifar.tar.gz")
     started = time.monotonic()
     papermill.execute_notebook(
         str(NOTEBOOK),
         str(root / "executed.ipynb"),
         parameters={
             "DATA": "../mirror/cifar.tar.gz",
-            "DATA_MD5": None,
+            "DATA_MD5": md5,
             "MODELS": KEPT,
             "IMAGE_SIZES": {"lite0": 32},
             "EPOCHS": 2,
-            "EXTRA": ["lite0.weights=none"],
-            "CHANGE": "mlp.dropout=0.5",  # the MLP's alone: one training stage reruns
+            "EXTRA": {"lite0.weights": "none"},
+            "CHANGE": {"mlp.dropout": 0.5},  # the MLP's alone: one training stage reruns
             "PER_CLASS": list(GRID.values()),
         },
         cwd=str(root),
         kernel_name="python3",
         progress_bar=False,
     )
-    seconds = round(time.monotonic() - started, 1)
     return {
         "project": root,
-        "seconds": seconds,
+        "seconds": round(time.monotonic() - started, 1),
+        "left out": left_out,
         "logs": {name: run(root, "dvc", "queue", "logs", name) for name in GRID},
         "plots": json.loads(run(root, "dvc", "plots", "diff", "--json", *GRID)),
         "shown": json.loads(run(root, "dvc", "exp", "show", "--json")),
@@ -105,15 +119,17 @@ def test_the_figures_are_the_reports_and_the_best_models(executed):
     assert len(shown["image/png"]) == 4
 
 
-def test_left_out_models_rerun_only_their_own_stages_and_leave_the_report(executed):
+def test_left_out_models_change_only_their_own_stages_and_leave_the_report(
+    executed, executed_notebook
+):
+    # Switched off in the finished study: only their stages, evaluate and report are stale.
+    assert sorted(executed_notebook["left out"]) == sorted(
+        ["evaluate", "report"] + [f"{s}_{m}" for s in ("featurize", "train") for m in LEFT_OUT]
+    )
     project, notebook = executed
     printed, _ = outputs(notebook, "study")
-    # Their stages rerun to write markers; mlp's and lite0's do not rerun at all. Download and
-    # split rerun for the new (relative) data.url, and give the same arrays.
-    assert stages_run(printed) == sorted(
-        ["download", "split", "evaluate", "report"]
-        + [f"{s}_{m}" for s in ("featurize", "train") for m in LEFT_OUT]
-    )
+    # The notebook's study on new data reruns every stage: the left-out ones write markers.
+    assert "featurize_lite0" in stages_run(printed) and "Running stage 'train_vgg16'" in printed
     # The notebook ends with the study applied to the workspace again.
     assert json.loads((project / "metrics/train_vgg16.json").read_text()) == {"skipped": True}
     assert set(json.loads((project / "metrics/evaluate.json").read_text())) == set(KEPT)
@@ -153,7 +169,7 @@ def test_the_labels_grid_says_its_time_first_and_draws_the_curve(executed):
 
 def test_a_queued_per_class_grid_trains_only_and_its_plots_diff_is_the_curve(executed_notebook):
     """Queued experiments run in a copy under .dvc/tmp/exps/, yet `data.url` relative to the
-    project finds the archive beside the project."""
+    project finds the archive beside the project (md5 checked, on the sample)."""
     logs = executed_notebook["logs"]
     # Cached features serve every size: the experiments train, evaluate and report, and
     # featurize nothing.
@@ -185,3 +201,33 @@ def test_the_committed_notebook_holds_no_outputs_and_a_parameters_cell():
     assert all(cell.outputs == [] and cell.execution_count is None for cell in code)
     tagged = [cell for cell in code if "parameters" in cell.metadata.get("tags", [])]
     assert len(tagged) == 1  # papermill injects its values after this cell
+
+
+def test_overrides_reach_dvc_as_the_values_given():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    values = {
+        "data.url": "../a,b/cifar.tar.gz",  # a comma would otherwise make a grid
+        "data.md5": None,
+        "models": {"mlp": True, "vgg16": False},
+        "train.lr": 1e-4,
+        "mlp.hidden": [512, 256],
+        "lite0.weights": "none",  # the string, not YAML's null
+        "++lite0.train.lr": 0.01,
+    }
+    args = overrides(values)
+    assert args[::2] == ["-S"] * len(values)
+    parsed = OverridesParser.create().parse_overrides(args[1::2])  # DVC's parser of -S
+    assert {o.key_or_group: o.value() for o in parsed} == {
+        key.removeprefix("++"): value for key, value in values.items()
+    }
+    assert not any(o.is_sweep_override() for o in parsed)
+
+
+def test_an_unknown_model_is_one_line_naming_the_valid_ones(monkeypatch):
+    monkeypatch.setattr(notebook, "read_params", lambda: {"models": {"mlp": True, "lite0": True}})
+    with pytest.raises(
+        StudyError, match=r"^error: MODELS = \['vgg19'\]: name one or more of mlp, lite0$"
+    ):
+        settings(models=["vgg19"])
+    assert "-S" in settings(models=["mlp"])

@@ -3,12 +3,13 @@
 import numpy as np
 import pytest
 import torch
-from pytorch_lightning.callbacks import TQDMProgressBar
+from conftest import params
 
 from transfer_study.core.progress import VARIABLE, bars, progress
 from transfer_study.core.stage import UserError
 from transfer_study.featurize import featurize
-from transfer_study.train.live import progress_bar_callbacks
+from transfer_study.train.fit import train_model
+from transfer_study.train.live import StreamedBar, progress_bar_callbacks
 
 
 class MeanColour(torch.nn.Module):
@@ -41,7 +42,7 @@ def test_bars_redraw_in_place_when_asked_for_off_a_terminal(tmp_path, capsys, mo
     # Redrawn in place: every update starts with a carriage return, and one line ends them.
     assert err.count("\r") >= 2 and err.count("\n") == 1 and "| 1000/1000 [" in err
     show, callbacks = progress_bar_callbacks()  # Rich draws nothing off a terminal: tqdm's bar
-    assert show and [type(c) for c in callbacks] == [TQDMProgressBar]
+    assert show and [type(c) for c in callbacks] == [StreamedBar]
 
 
 def test_lines_leave_lightning_without_a_bar(monkeypatch):
@@ -65,3 +66,16 @@ def test_a_download_of_unknown_size_gets_one_line_at_its_end(capsys):
             bar.update(1 << 20)
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("download x.tar.gz: 52.4MB ") and "B/s" in line
+
+
+def test_training_in_a_notebook_draws_the_train_bar_alone_a_few_times(
+    workdir, archive, capsys, monkeypatch
+):
+    monkeypatch.setenv(VARIABLE, "bar")
+    train_model("mlp", params(archive, train={"max_epochs": 3, "patience": 3, "batch_size": 8}))
+    out = capsys.readouterr().out
+    assert "Epoch 2: 100%" in out  # the last of 3 epochs, to its end
+    assert "Validation" not in out and "Sanity" not in out  # nested bars: lines of their own
+    # 15 batches an epoch: drawn when it starts, at most twice a second, at its end, and with
+    # each epoch's metrics; not once a batch.
+    assert out.count("\r") < 3 * 15

@@ -3,6 +3,7 @@ through dvc.api. Nothing here trains or scores: every number comes from the pipe
 
 import codecs
 import io
+import json
 import os
 import re
 import subprocess
@@ -74,22 +75,43 @@ def device_summary():
     )
 
 
-def settings(data="official", md5="official", models=(), image_sizes=None, epochs=None, extra=()):
+def settings(data="official", md5="official", models=(), image_sizes=None, epochs=None, extra=None):
     """The -S arguments of a study: `data` (official, or a CIFAR-10 archive's path or URL) and
     its `md5`, the `models` in the study (every other one left out), each backbone's input size
-    (`image_sizes`: model -> pixels), `epochs` (train.max_epochs), and `extra` KEY=VALUE
-    settings as dvc exp run -S takes them."""
+    (`image_sizes`: model -> pixels), `epochs` (train.max_epochs), and `extra` settings
+    ({"train.hflip": True, ...}, as overrides() takes them)."""
     declared = read_params()["models"]
     unknown = [name for name in models if name not in declared]
     if unknown or not models:
         raise StudyError(f"MODELS = {list(models)}: name one or more of {', '.join(declared)}")
-    switches = ", ".join(f"{name}: {str(name in models).lower()}" for name in declared)
-    chosen = [f"data.url={data}", f"data.md5={'null' if md5 is None else md5}"]
-    chosen += [f"models={{{switches}}}"]
-    chosen += [f"{name}.image_size={size}" for name, size in (image_sizes or {}).items()]
+    chosen = {
+        "data.url": data,
+        "data.md5": md5,
+        "models": {name: name in models for name in declared},
+        **{f"{name}.image_size": size for name, size in (image_sizes or {}).items()},
+    }
     if epochs is not None:
-        chosen.append(f"train.max_epochs={epochs}")
-    return [arg for setting in (*chosen, *extra) for arg in ("-S", setting)]
+        chosen["train.max_epochs"] = epochs
+    return overrides({**chosen, **(extra or {})})
+
+
+def overrides(values):
+    """{"train.lr": 1e-4, "++lite0.train.lr": 0.01, ...} as dvc exp run's -S arguments, each
+    value written in the override grammar DVC reads (true, null, [512, 256], {mlp: true})."""
+    return [arg for key, value in values.items() for arg in ("-S", f"{key}={_flow(value)}")]
+
+
+def _flow(value):
+    """A value as an override: strings quoted (a path may hold a comma, which would otherwise
+    make a grid), mappings and lists in flow style, the rest as JSON writes it."""
+    if isinstance(value, str):
+        quote = "'" if "'" not in value else '"'
+        return f"{quote}{value}{quote}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key}: {_flow(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(map(_flow, value)) + "]"
+    return json.dumps(value)
 
 
 def read_params():

@@ -6,6 +6,7 @@ import time
 import pytorch_lightning as pl
 from dvclive import Live
 from pytorch_lightning.callbacks import TQDMProgressBar
+from tqdm import tqdm
 
 from transfer_study.core import paths
 from transfer_study.core.atomic import write_json
@@ -21,14 +22,38 @@ LOGGED = {
 
 def progress_bar_callbacks():
     """Lightning's progress bar, as core.progress decides: its default (Rich) on a terminal, a
-    tqdm bar when bars are wanted elsewhere (a notebook streaming a stage's output renders its
+    StreamedBar when bars are wanted elsewhere (a notebook streaming a stage's output renders
     carriage returns; Rich draws nothing off a terminal), none for lines. Returns (the Trainer's
     enable_progress_bar, callbacks)."""
     if not bars():
         return False, []
     if sys.stdout.isatty():
         return True, []
-    return True, [TQDMProgressBar()]
+    return True, [StreamedBar()]
+
+
+class StreamedBar(TQDMProgressBar):
+    """Lightning's tqdm bar for output that a notebook streams: the train bar alone (nested
+    bars need cursor moves that a notebook's output lacks), redrawn at most every REDRAW_S
+    seconds (Lightning redraws it every batch: hundreds of times a second on cached features)."""
+
+    REDRAW_S = 0.5
+
+    def __init__(self):
+        super().__init__()
+        self.drawn = 0.0
+
+    def init_sanity_tqdm(self):
+        return tqdm(disable=True)
+
+    def init_validation_tqdm(self):
+        return tqdm(disable=True)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        now = time.monotonic()
+        if now - self.drawn >= self.REDRAW_S or batch_idx + 1 == self.total_train_batches:
+            self.drawn = now
+            super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
 
 
 class LiveProgress(pl.Callback):
