@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 
@@ -236,7 +237,11 @@ def queue_grid(name, key, values):
     `name` or `name-<n>` are removed first. Returns the new experiments' names."""
     remove_experiments(lambda existing: re.fullmatch(rf"{re.escape(name)}(-\d+)?", existing))
     grid = f"{key}={','.join(map(str, values))}"
-    queued = _stream(("exp", "run", "--queue", "-n", name, "-S", grid), keep=True)
+    # A queued experiment starts from git's view of the workspace, which leaves out a dvc.lock
+    # that git does not track yet (a fresh clone's): without it every stage, featurize
+    # included, would run again in each experiment.
+    lock = ("--copy-paths", "dvc.lock") if Path("dvc.lock").exists() else ()
+    queued = _stream(("exp", "run", "--queue", *lock, "-n", name, "-S", grid), keep=True)
     names = re.findall(r"Queued experiment '([^']+)'", queued)
     run_dvc("exp", "run", "--run-all")
     failed = sorted(set(names) - set(_experiment_names()))
