@@ -4,7 +4,7 @@
 that finished project (its git history and DVC cache with it), so that every test passes alone
 and in any order. The runs are background runs (conftest): started before the first test, in
 a worker process, while the other tests run. Each test checks what its own run did. A study
-with models left out and a queued grid run through the notebook: tests/test_notebook.py.
+with models left out and a queued grid, run through the notebook: tests/test_notebook.py.
 """
 
 import csv
@@ -252,6 +252,16 @@ def test_enabling_a_model_changes_only_its_stages_evaluate_and_report(project):
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     changed = json.loads(run(project, "dvc", "status", "--json"))
     assert sorted(changed) == ["evaluate", "featurize_resnet50", "report", "train_resnet50"]
+
+
+def test_switching_models_off_changes_only_their_stages_evaluate_and_report(project):
+    params = project / "params.yaml"
+    raw = yaml.safe_load(params.read_text())
+    raw["models"] |= {"vgg16": False, "inception": False}
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    changed = json.loads(run(project, "dvc", "status", "--json"))
+    switched = [f"{stage}_{m}" for stage in ("featurize", "train") for m in ("vgg16", "inception")]
+    assert sorted(changed) == sorted(["evaluate", "report", *switched])
 
 
 def test_new_lr_retrains_every_model_and_featurizes_nothing(new_lr):

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from transfer_study.core import paths
 from transfer_study.core.progress import VARIABLE as PROGRESS_VARIABLE
@@ -237,17 +238,46 @@ def queue_grid(name, key, values):
     `name` or `name-<n>` are removed first. Returns the new experiments' names."""
     remove_experiments(lambda existing: re.fullmatch(rf"{re.escape(name)}(-\d+)?", existing))
     grid = f"{key}={','.join(map(str, values))}"
-    # A queued experiment starts from git's view of the workspace, which leaves out a dvc.lock
-    # that git does not track yet (a fresh clone's): without it every stage, featurize
-    # included, would run again in each experiment.
-    lock = ("--copy-paths", "dvc.lock") if Path("dvc.lock").exists() else ()
-    queued = _stream(("exp", "run", "--queue", *lock, "-n", name, "-S", grid), keep=True)
+    copied = [arg for path in _untracked_results() for arg in ("--copy-paths", path)]
+    queued = _stream(("exp", "run", "--queue", *copied, "-n", name, "-S", grid), keep=True)
     names = re.findall(r"Queued experiment '([^']+)'", queued)
     run_dvc("exp", "run", "--run-all")
     failed = sorted(set(names) - set(_experiment_names()))
     if failed:
         raise StudyError(f"{', '.join(failed)} failed: dvc queue logs {failed[0]} tells why")
     return names
+
+
+def _untracked_results():
+    """dvc.lock and the outputs that dvc.yaml leaves to git (cache: false), where git does not
+    track them yet, as in a fresh clone. A queued experiment starts from git's view of the
+    workspace: without them, every stage whose lock entry or output is missing, featurize
+    included, would run again in each experiment."""
+    stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"].values()
+    uncached = [
+        path
+        for stage in stages
+        for out in stage.get("outs", [])
+        if isinstance(out, dict)
+        for path, options in out.items()
+        if not (options or {}).get("cache", True)
+    ]
+    wanted = ["dvc.lock", *uncached]
+    # --directory: a folder git knows nothing of is one entry (dvclive/), copied whole: DVC's
+    # copy makes no parent folder for a path inside it.
+    command = ["git", "ls-files", "--others", "--exclude-standard", "--directory"]
+    listed = subprocess.run(command, capture_output=True, text=True).stdout.split()
+    return [entry.rstrip("/") for entry in listed if any(_holds(entry, p) for p in wanted)]
+
+
+def _holds(entry, path):
+    """Whether git's untracked `entry` (a folder ends with /) is `path`, lies inside it, or is a
+    folder that holds it."""
+    return (
+        entry.rstrip("/") == path
+        or entry.startswith(f"{path}/")
+        or (entry.endswith("/") and path.startswith(entry))
+    )
 
 
 def labels_curve(baseline, names):
