@@ -16,9 +16,10 @@ import yaml
 from transfer_study.core import paths
 from transfer_study.core.progress import VARIABLE as PROGRESS_VARIABLE
 
-# Around each queued experiment: the DVC worker's start, a copy of the project, and each
-# training stage's imports (~4 s on 2 CPU cores: docs/performance.md), in seconds.
-QUEUED_OVERHEAD_S = 30
+# Seconds around each queued experiment's training: the DVC worker's start, the copy of the
+# project, each stage's imports (~4 s a training stage on 2 CPU cores: docs/performance.md).
+# Measured on 2 CPU cores: a grid of 2 on the sample study, 98 s, 13 s of it training each.
+QUEUED_OVERHEAD_S = 35
 
 
 class StudyError(SystemExit):
@@ -189,9 +190,9 @@ def compare(*names):
     if unknown:
         raise StudyError(f"no experiment named {', '.join(unknown)} (dvc exp list shows them)")
     table = pd.DataFrame([rows[name] for name in names]).set_index("Experiment")
-    declared = _flat(read_params())
-    changed = [key for key in declared if key in table and table[key].nunique() > 1]
-    models = [name for name, on in read_params()["models"].items() if on]
+    params = read_params()
+    changed = [key for key in _flat(params) if key in table and table[key].nunique() > 1]
+    models = [name for name, on in params["models"].items() if on]
     accuracies = {  # exp_show's column: ours
         column: f"{name} {what}"
         for name in models
@@ -290,12 +291,15 @@ def labels_curve(baseline, names):
     curve = pd.concat(tables).pivot_table(
         index="labeled_per_class", columns="model", values="test_accuracy"
     )
-    return curve.sort_index()
+    curve.index = [int(n) if float(n).is_integer() else n for n in curve.index]  # 10, not 10.0
+    curve.index.name = "labeled per class"
+    return curve.sort_index()[tables[0]["model"]]  # the report's order, and its colours
 
 
 def plot_labels_curve(curve):
     """The curve as a matplotlib figure: a line per model, labels on a log axis."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
 
     figure = Figure(figsize=(6.5, 4))
     axis = figure.subplots()
@@ -307,6 +311,7 @@ def plot_labels_curve(curve):
         ylabel="test accuracy",
         title="How much transfer buys when labels are scarce",
     )
+    axis.xaxis.set_major_formatter(ScalarFormatter())  # 10, 100, not 10^1, 10^2
     axis.grid(alpha=0.3)
     axis.legend()
     return figure
