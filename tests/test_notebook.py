@@ -145,7 +145,7 @@ def test_the_change_reruns_only_its_stages_and_is_compared(executed):
     assert re.search(r"^study-changed\s+0\.5\s", table, flags=re.M)
     assert "mlp.dropout" in table and "lite0 test accuracy" in table
     diff, _ = outputs(notebook, "diff")
-    assert "dvclive/mlp/metrics.json" in diff and "plots-diff" in diff
+    assert "dvclive/mlp/metrics.json" in diff and "dvc_plots/index.html" in diff
 
 
 def test_the_labels_grid_says_its_time_first_and_draws_the_curve(executed):
