@@ -221,7 +221,9 @@ def test_overrides_reach_dvc_as_the_values_given():
 
 
 def test_an_unknown_model_is_one_line_naming_the_valid_ones(monkeypatch):
-    monkeypatch.setattr(notebook, "read_params", lambda: {"models": {"mlp": True, "lite0": True}})
+    monkeypatch.setattr(
+        notebook, "workspace_params", lambda: {"models": {"mlp": True, "lite0": True}}
+    )
     with pytest.raises(
         StudyError, match=r"^error: MODELS = \['vgg19'\]: name one or more of mlp, lite0$"
     ):

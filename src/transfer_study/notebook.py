@@ -83,7 +83,7 @@ def settings(data="official", md5="official", models=(), image_sizes=None, epoch
     its `md5`, the `models` in the study (every other one left out), each backbone's input size
     (`image_sizes`: model -> pixels), `epochs` (train.max_epochs), and `extra` settings
     ({"train.hflip": True, ...}, as overrides() takes them)."""
-    declared = read_params()["models"]
+    declared = workspace_params()["models"]
     unknown = [name for name in models if name not in declared]
     if unknown or not models:
         raise StudyError(f"MODELS = {list(models)}: name one or more of {', '.join(declared)}")
@@ -117,7 +117,7 @@ def _flow(value):
     return json.dumps(value)
 
 
-def read_params():
+def workspace_params():
     """The workspace's params.yaml, as dvc.api reads it."""
     import dvc.api
 
@@ -149,7 +149,7 @@ def answer_table():
     accuracy, epochs, and featurize and train seconds, read with dvc.api.metrics_show."""
     import dvc.api
 
-    models = [name for name, on in read_params()["models"].items() if on]
+    models = [name for name, on in workspace_params()["models"].items() if on]
     tested = dvc.api.metrics_show(str(paths.EVALUATE_METRICS))
     rows = []
     for name in models:
@@ -190,7 +190,7 @@ def compare(*names):
     if unknown:
         raise StudyError(f"no experiment named {', '.join(unknown)} (dvc exp list shows them)")
     table = pd.DataFrame([rows[name] for name in names]).set_index("Experiment")
-    params = read_params()
+    params = workspace_params()
     changed = [key for key in _flat(params) if key in table and table[key].nunique() > 1]
     models = [name for name, on in params["models"].items() if on]
     accuracies = {  # exp_show's column: ours

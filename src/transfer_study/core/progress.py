@@ -6,6 +6,7 @@ import time
 
 from tqdm import tqdm
 
+from transfer_study.core.checks import shown
 from transfer_study.core.stage import UserError
 
 # bar: bars redrawn in place (a terminal; a notebook, which renders carriage returns); lines: a
@@ -21,8 +22,8 @@ def bars():
     Stages call it before any work, so a bad value is refused at once."""
     mode = os.environ.get(VARIABLE, "auto")
     if mode not in MODES:
-        shown = repr(mode[:40]) + ("..." if len(mode) > 40 else "")
-        raise UserError(f"environment variable {VARIABLE} = {shown}: accepts {', '.join(MODES)}")
+        accepted = ", ".join(MODES)
+        raise UserError(f"environment variable {VARIABLE} = {shown(mode)}: accepts {accepted}")
     return mode == "bar" or (mode == "auto" and sys.stdout.isatty() and sys.stderr.isatty())
 
 
