@@ -20,6 +20,7 @@ from transfer_study.core.progress import VARIABLE as PROGRESS_VARIABLE
 # project, each stage's imports (~4 s a training stage on 2 CPU cores: docs/performance.md).
 # Measured on 2 CPU cores: a grid of 2 on the sample study, 98 s, 13 s of it training each.
 QUEUED_OVERHEAD_S = 35
+DVC = [sys.executable, "-m", "dvc"]  # the DVC of the kernel's environment
 
 
 class StudyError(SystemExit):
@@ -37,7 +38,7 @@ def run_dvc(*args):
 
 def _stream(args, keep=False):
     """run_dvc's work; with `keep`, returns what DVC printed."""
-    command = [sys.executable, "-m", "dvc", *map(str, args)]
+    command = [*DVC, *map(str, args)]
     env = {**os.environ, PROGRESS_VARIABLE: "bar", "PYTHONUNBUFFERED": "1"}
     printed = []
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -124,6 +125,11 @@ def workspace_params():
     return dvc.api.params_show()
 
 
+def in_study(params):
+    """The models that `params` switch on, in report order."""
+    return [name for name, on in params["models"].items() if on]
+
+
 def experiment(name, *args):
     """`dvc exp run -n NAME ARGS`: an earlier experiment of that name is removed first, so that
     the notebook can run again."""
@@ -140,7 +146,7 @@ def remove_experiments(matches):
 
 def _experiment_names():
     """The names of HEAD's experiments (dvc exp list)."""
-    command = [sys.executable, "-m", "dvc", "exp", "list", "--name-only"]
+    command = [*DVC, "exp", "list", "--name-only"]
     return subprocess.run(command, capture_output=True, text=True).stdout.split()
 
 
@@ -149,7 +155,7 @@ def answer_table():
     accuracy, epochs, and featurize and train seconds, read with dvc.api.metrics_show."""
     import dvc.api
 
-    models = [name for name, on in workspace_params()["models"].items() if on]
+    models = in_study(workspace_params())
     tested = dvc.api.metrics_show(str(paths.EVALUATE_METRICS))
     rows = []
     for name in models:
@@ -192,7 +198,7 @@ def compare(*names):
     table = pd.DataFrame([rows[name] for name in names]).set_index("Experiment")
     params = workspace_params()
     changed = [key for key in _flat(params) if key in table and table[key].nunique() > 1]
-    models = [name for name, on in params["models"].items() if on]
+    models = in_study(params)
     accuracies = {  # exp_show's column: ours
         column: f"{name} {what}"
         for name in models
