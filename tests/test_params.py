@@ -10,6 +10,7 @@ from conftest import REPO
 
 from transfer_study.core.checks import ParamsError
 from transfer_study.core.config import load_params
+from transfer_study.core.stage import RANK_VARIABLES, SIZE_VARIABLES, exit_on_user_error
 
 PARAMS = f"{REPO}/params.yaml"
 
@@ -248,3 +249,52 @@ def test_stage_scripts_take_only_a_model_with_that_stage(
     assert line.startswith(f"error: {message}")
     # Nothing written, in the project or beside it.
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["dvc.yaml", "params.yaml", "project"]
+
+
+@pytest.mark.parametrize(
+    "launcher, message",
+    [
+        ({"RANK": "-1"}, "RANK = '-1': accepts a whole number from 0 to 0 (below WORLD_SIZE, 1 "),
+        ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK = '2': accepts a whole number from 0 to 1 "),
+        (
+            {"LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "4"},
+            "LOCAL_RANK = '2': accepts a whole number from 0 to 1 (below LOCAL_WORLD_SIZE, 2)",
+        ),
+        ({"SLURM_PROCID": "2", "SLURM_NTASKS": "2"}, "SLURM_PROCID = '2': accepts a whole "),
+        ({"NODE_RANK": str(10**20)}, f"NODE_RANK = '{10**20}': accepts a whole number from 0 "),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE = '0': accepts a whole number from 1 to 1,048,576"),
+        ({"WORLD_SIZE": "-1"}, "WORLD_SIZE = '-1': accepts a whole number from 1 to 1,048,576"),
+        ({"SLURM_NTASKS": ""}, "SLURM_NTASKS = '': accepts a whole number"),
+        ({"SLURM_NTASKS": "x"}, "SLURM_NTASKS = 'x': accepts a whole number"),
+        ({"RANK": "1", "WORLD_SIZE": "2"}, "MASTER_ADDR is not set: RANK = 1 of WORLD_SIZE = 2 "),
+    ],
+)
+def test_launcher_variables_out_of_range_stop_a_stage_before_any_work(
+    monkeypatch, capsys, launcher, message
+):
+    for name in (*RANK_VARIABLES, *SIZE_VARIABLES, "MASTER_ADDR"):  # the suite's own launcher's
+        monkeypatch.delenv(name, raising=False)
+    for name, value in launcher.items():
+        monkeypatch.setenv(name, value)
+    work = []
+    stage_main = exit_on_user_error(lambda: work.append("started"))
+    with pytest.raises(SystemExit) as stop:
+        stage_main()
+    assert stop.value.code == 2 and work == []
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: environment variable {message}")
+
+
+def test_launcher_variables_that_a_launcher_sets_together_pass(monkeypatch):
+    for name in (*RANK_VARIABLES, *SIZE_VARIABLES, "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    # What Lightning's DDP launcher gives its second process, then what torchrun gives rank 3.
+    for launcher in (
+        {"LOCAL_RANK": "1", "NODE_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"},
+        {"RANK": "3", "LOCAL_RANK": "1", "GROUP_RANK": "1", "WORLD_SIZE": "4"}
+        | {"LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "node0"},
+    ):
+        with monkeypatch.context() as patch:
+            for name, value in launcher.items():
+                patch.setenv(name, value)
+            assert exit_on_user_error(lambda: "ran")() == "ran"

@@ -21,19 +21,62 @@ class UserError(Exception):
 # GROUP_RANK, Lightning's DDP launcher LOCAL_RANK and NODE_RANK, srun SLURM_PROCID, and a node
 # started by hand NODE_RANK.
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+# How many processes there are: torchrun sets WORLD_SIZE and LOCAL_WORLD_SIZE, Lightning's DDP
+# launcher WORLD_SIZE, srun SLURM_NTASKS.
+SIZE_VARIABLES = ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "SLURM_NTASKS")
+MAX_PROCESSES = 2**20  # far above any cluster's process count: a larger number is garbage
+
+
+def _refuse_variable(name, accepts):
+    value = os.environ.get(name, "")
+    shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
+    raise UserError(f"environment variable {name} = {shown}: accepts {accepts}")
 
 
 def launcher_variable(name, unset=0):
     """The whole number a launcher set in the environment variable `name`."""
-    value = os.environ.get(name, str(unset))
     try:
-        return int(value)
+        return int(os.environ.get(name, str(unset)))
     except ValueError:
-        shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
+        first = " (0 for the first process of a distributed run)" if name in RANK_VARIABLES else ""
+        _refuse_variable(name, f"a whole number{first}")
+
+
+def check_launcher_variables():
+    """Refuse launcher variables that no launcher sets together, before any work: a rank out of
+    range makes every rank skip its share (featurize caches 0 rows) or train a whole run that
+    nobody's outputs record, and Lightning turns a bad size into a traceback."""
+    sizes = {}
+    for name in SIZE_VARIABLES:
+        if name in os.environ:
+            sizes[name] = launcher_variable(name)
+            if not 1 <= sizes[name] <= MAX_PROCESSES:
+                _refuse_variable(name, f"a whole number from 1 to {MAX_PROCESSES:,}")
+    world = sizes.get("WORLD_SIZE")
+    # The count each rank counts within; featurize reads an unset WORLD_SIZE as 1, so RANK > 0
+    # needs it. The others may come without theirs (Lightning's launcher sets no
+    # LOCAL_WORLD_SIZE; a node started by hand has no size before Lightning sets one).
+    local = "LOCAL_WORLD_SIZE" if "LOCAL_WORLD_SIZE" in sizes else "WORLD_SIZE"
+    bounds = {
+        "RANK": ("WORLD_SIZE", world or 1),
+        "LOCAL_RANK": (local, sizes.get(local)),
+        "NODE_RANK": ("WORLD_SIZE", world),
+        "GROUP_RANK": ("WORLD_SIZE", world),
+        "SLURM_PROCID": ("SLURM_NTASKS", sizes.get("SLURM_NTASKS")),
+    }
+    for name, (size_name, size) in bounds.items():
+        rank = launcher_variable(name)
+        if not 0 <= rank < (size or MAX_PROCESSES):
+            unset = "" if size_name in os.environ else " when unset"
+            why = f" (below {size_name}, {size}{unset})" if size else ""
+            _refuse_variable(name, f"a whole number from 0 to {(size or MAX_PROCESSES) - 1:,}{why}")
+    rank, world = launcher_variable("RANK"), world or 1
+    # srun's tasks need none: Lightning's SLURM environment takes the address from the node list.
+    if rank > 0 and world > 1 and not os.environ.get("MASTER_ADDR"):
         raise UserError(
-            f"environment variable {name} = {shown}: accepts a whole number (0 for the first "
-            "process of a distributed run)"
-        ) from None
+            f"environment variable MASTER_ADDR is not set: RANK = {rank} of WORLD_SIZE = {world} "
+            "connects to rank 0 there; set it to the address of rank 0's machine"
+        )
 
 
 def is_first_process():
@@ -93,6 +136,7 @@ def exit_on_user_error(main):
         first_process = False
         try:
             # Checked before any work (Lightning reads some of them as it is imported).
+            check_launcher_variables()
             first_process = is_first_process()
             return main(*args, **kwargs)
         except UserError as error:
