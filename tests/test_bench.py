@@ -40,6 +40,46 @@ def test_bad_arguments_are_answered_before_torch_is_imported(argv):
     assert result.stdout.strip() == "False"
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["cut", "--images", "-5"],
+            " cut: error: argument --images: accepts an integer >= 1, got '-5'",
+        ),
+        (
+            ["cut", "--images", "0"],
+            " cut: error: argument --images: accepts an integer >= 1, got '0'",
+        ),
+        (
+            ["cut", "--trainable-layers", "0"],
+            " cut: error: argument --trainable-layers: accepts an ",
+        ),
+        (
+            ["cut", "--epochs", "-3"],
+            " cut: error: argument --epochs: accepts an integer >= 0, got ",
+        ),
+        (
+            ["cut", "--test-images", "-1"],
+            " cut: error: argument --test-images: accepts an integer ",
+        ),
+        (
+            ["cut", "--seeds", "0"],
+            " cut: error: argument --seeds: accepts an integer >= 1, got '0'",
+        ),
+        (["--images", "0"], ": error: argument --images: accepts an integer >= 1, got '0'"),
+        (["--image-size", "-1"], ": error: argument --image-size: accepts an integer >= 1, got "),
+    ],
+)
+def test_counts_below_their_bound_are_argument_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    # argparse's usage, then its one error line
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"python -m transfer_study.bench{message}")
+
+
 def study_timer(runs):
     """The study timer on a tiny study, by its command line: its exit status, stdout, stderr's
     end, and what its main() returned (written to stderr last by the wrapper below)."""

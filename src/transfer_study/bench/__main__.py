@@ -4,6 +4,8 @@ partial fine-tuning from cached activations against from images."""
 import argparse
 import sys
 
+from transfer_study.bench.arguments import at_least
+
 
 def features_arguments(argv):
     """The features benchmark's arguments, parsed before torch is imported: a typo is answered
@@ -15,10 +17,12 @@ def features_arguments(argv):
     )
     parser.add_argument("--archive", help="CIFAR-10 python archive (default: random images)")
     parser.add_argument("--quick", action="store_true", help="CPU-sized: 256 images, vgg16 only")
-    parser.add_argument("--images", type=int, help="images per run (default 256 quick, 4096)")
+    parser.add_argument(
+        "--images", type=at_least(1), help="images per run (default 256 quick, 4096)"
+    )
     parser.add_argument("--backbones", nargs="+", help="default: vgg16 (quick), vgg16 inception")
     parser.add_argument(
-        "--image-size", type=int, help="every backbone's input size (at least its minimum)"
+        "--image-size", type=at_least(1), help="every backbone's input size (at least its minimum)"
     )
     parser.add_argument("--weights", default="none", help="none (default), imagenet or a path")
     parser.add_argument(

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transfer_study.bench.arguments import at_least
 from transfer_study.core.stage import UserError, exit_on_user_error
 from transfer_study.featurize import prepare_extractor
 from transfer_study.nn.backbones import (
@@ -40,18 +41,22 @@ HEAD = ((128, 64), 10, "leaky_relu", 0.3)  # params.yaml's default head, 10 clas
 def arguments(argv):
     parser = argparse.ArgumentParser(prog="python -m transfer_study.bench cut", description=__doc__)
     parser.add_argument("--model", default="lite0", help="a backbone that cuts (lite0/1/2)")
-    parser.add_argument("--trainable-layers", type=int, default=3, help="blocks trained")
+    parser.add_argument("--trainable-layers", type=at_least(1), default=3, help="blocks trained")
     parser.add_argument("--image-size", type=int, default=224, help="pixels (default 224)")
-    parser.add_argument("--images", type=int, default=512, help="train images")
+    parser.add_argument("--images", type=at_least(1), default=512, help="train images")
     parser.add_argument("--archive", help="CIFAR-10 python archive (default: random images)")
-    parser.add_argument("--epochs", type=int, default=0, help="train both paths and score them")
-    parser.add_argument("--test-images", type=int, default=1000, help="scored, with --epochs")
-    parser.add_argument("--seeds", type=int, default=1, help="draws of batches, flips, dropout")
+    parser.add_argument(
+        "--epochs", type=at_least(0), default=0, help="train both paths and score them"
+    )
+    parser.add_argument(
+        "--test-images", type=at_least(1), default=1000, help="scored, with --epochs"
+    )
+    parser.add_argument(
+        "--seeds", type=at_least(1), default=1, help="draws of batches, flips, dropout"
+    )
     args = parser.parse_args(argv)
     if args.epochs and not args.archive:
         parser.error("--epochs needs --archive (its test images are scored)")
-    if args.seeds < 1:
-        parser.error("--seeds: accepts an integer >= 1")
     return args
 
 
