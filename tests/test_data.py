@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from conftest import CLASSES, write_cifar_archive
 
-from transfer_study.core.stage import UserError
+from transfer_study.core import paths
+from transfer_study.core.atomic import write_json
+from transfer_study.core.stage import UserError, exit_on_user_error
 from transfer_study.data.splits import (
     load_split,
     make_splits,
@@ -248,3 +250,71 @@ def test_missing_or_damaged_features_name_their_featurize_stage(tmp_path):
     path.write_bytes(b"\x93NUMPY cut short")
     with pytest.raises(UserError, match=r"train.npy is damaged \(.*\); rerun featurize_lite0"):
         read_array_file(path, "featurize_lite0")
+
+
+def _cache_damages(rows):
+    """{what: (damage done to a good lite0 cache of the train split, the line it gets)}."""
+    train, meta = paths.features_file("lite0", "train"), paths.features_meta("lite0")
+    rerun = "rerun featurize_lite0 (dvc repro featurize_lite0)"
+    wrong = f"not float16 of shape ({rows}, 8) (the split's images, meta.json's feature_dim); "
+    bad_meta = (
+        f"{meta} does not hold the description featurize_lite0 writes (a mapping with "
+        f"feature_dim, shape and backbone_params); {rerun}"
+    )
+    return {
+        "float32": (
+            lambda: np.save(train, np.zeros((rows, 8), np.float32)),
+            f"{train} holds float32 values of shape ({rows}, 8), {wrong}{rerun}",
+        ),
+        "width": (
+            lambda: np.save(train, np.zeros((rows, 9), np.float16)),
+            f"{train} holds float16 values of shape ({rows}, 9), {wrong}{rerun}",
+        ),
+        "rows": (
+            lambda: np.save(train, np.zeros((rows - 1, 8), np.float16)),
+            f"{train} holds float16 values of shape ({rows - 1}, 8), {wrong}{rerun}",
+        ),
+        "rank": (
+            lambda: np.save(train, np.zeros((rows, 8, 1), np.float16)),
+            f"{train} holds float16 values of shape ({rows}, 8, 1), {wrong}{rerun}",
+        ),
+        "nan": (
+            lambda: np.save(train, np.full((rows, 8), np.nan, np.float16)),
+            f"{train} holds NaN or infinite values; {rerun}",
+        ),
+        "one inf": (
+            lambda: np.save(train, np.where(np.eye(rows, 8) > 0, np.inf, 1).astype(np.float16)),
+            f"{train} holds NaN or infinite values; {rerun}",
+        ),
+        "meta missing": (
+            meta.unlink,
+            f"{meta} does not exist: run the featurize_lite0 stage first (dvc repro "
+            "featurize_lite0)",
+        ),
+        "meta damaged": (lambda: meta.write_bytes(b'{"feature_dim": 8,'), bad_meta),
+        "meta not UTF-8": (lambda: meta.write_bytes(b"\xff\xfe{}"), bad_meta),
+        "meta a list": (lambda: meta.write_text("[8]"), bad_meta),
+        "meta inconsistent": (
+            lambda: meta.write_text(json.dumps({"feature_dim": 9, "shape": [8]})),
+            bad_meta,
+        ),
+        "a left-out model's marker": (lambda: meta.write_text('{"skipped": true}'), bad_meta),
+    }
+
+
+@pytest.mark.parametrize("what", list(_cache_damages(1)))
+def test_a_cache_that_does_not_fit_its_split_names_the_file_and_stage(workdir, what, capsys):
+    from transfer_study.nn.build import load_inputs
+
+    rows = len(load_split(paths.split_file("train")).labels)
+    # What featurize_lite0 writes for a cut: float16 rows, one an image, as wide as meta says.
+    meta = {"inputs": "activations", "feature_dim": 8, "shape": [2, 2, 2], "backbone_params": 9}
+    write_json(paths.features_meta("lite0"), meta)
+    np.save(paths.features_file("lite0", "train"), np.ones((rows, 8), np.float16))
+    assert load_inputs("lite0", "activations", "train")[0].shape == (rows, 8)
+    damage, message = _cache_damages(rows)[what]
+    damage()
+    with pytest.raises(SystemExit) as stop:
+        exit_on_user_error(load_inputs)("lite0", "activations", "train")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]

@@ -17,9 +17,11 @@ import torch
 from conftest import REPO, RunsCode, params, run_study, tiny_overrides, write_params
 
 from transfer_study.core import paths
+from transfer_study.core.atomic import write_json
 from transfer_study.core.config import deep_merge
 from transfer_study.core.stage import exit_on_user_error
 from transfer_study.data.splits import load_split
+from transfer_study.evaluate import evaluate_models
 from transfer_study.featurize import featurize
 from transfer_study.train.fit import train_model
 
@@ -337,6 +339,44 @@ def test_training_writes_its_outputs_as_one_set(workdir, archive, monkeypatch, c
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: disk full writing")
     assert not any(output.exists() for output in train_outputs("mlp"))
     assert leftovers(workdir) == []
+
+
+def test_no_json_output_holds_nan_or_infinity(tmp_path):
+    # Python writes them as NaN and Infinity, which no JSON parser (DVC's included) reads.
+    for value in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+            write_json(tmp_path / "evaluate.json", {"mlp": {"test_loss": value}})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_nan_test_cache_stops_evaluate_and_keeps_its_metrics(study, capsys):
+    before = paths.EVALUATE_METRICS.read_bytes()
+    test = paths.features_file("vgg16", "test")
+    np.save(test, np.full(np.load(test).shape, np.nan, np.float16))
+    with pytest.raises(SystemExit) as stop:
+        exit_on_user_error(evaluate_models)(["mlp", "vgg16"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {test} holds NaN or infinite values; rerun featurize_vgg16 (dvc repro "
+        "featurize_vgg16)"
+    ]
+    assert paths.EVALUATE_METRICS.read_bytes() == before
+
+
+def test_a_model_whose_test_outputs_overflow_is_not_scored(study, capsys):
+    before = paths.EVALUATE_METRICS.read_bytes()
+    saved = torch.load(paths.model_file("mlp"), weights_only=True)
+    last_bias = [key for key in saved["state_dict"] if key.endswith(".bias")][-1]
+    saved["state_dict"][last_bias][0] = float("inf")  # class 0's logit: inf - inf in the loss
+    torch.save(saved, paths.model_file("mlp"))
+    with pytest.raises(SystemExit) as stop:
+        exit_on_user_error(evaluate_models)(["mlp", "vgg16"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: mlp: test_loss is nan, its outputs on the test split are not finite; retrain it "
+        "with a lower mlp.train.lr (dvc repro train_mlp)"
+    ]
+    assert paths.EVALUATE_METRICS.read_bytes() == before
 
 
 def _gone(pid):

@@ -49,6 +49,9 @@ def test_early_stopping_on_val_loss(workdir, archive):
 def test_divergence_is_reported(workdir, archive):
     with pytest.raises(UserError, match="mlp: val_loss was never finite; lower mlp.train.lr"):
         train_model("mlp", params(archive, train={"lr": 1e6, "optimizer": "sgd"}))
+    # The live summary holds no NaN, as a number or as DVCLive's string "nan".
+    live = json.loads(paths.live_summary("mlp").read_text(), parse_constant=pytest.fail)
+    assert "loss" not in live.get("val", {})
 
 
 def test_saved_model_reproduces_the_trained_network(study):

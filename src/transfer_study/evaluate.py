@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from transfer_study.core import paths, timing
 from transfer_study.core.atomic import atomic_path, write_json
 from transfer_study.core.stage import UserError
-from transfer_study.data.splits import read_array_file
-from transfer_study.nn.build import load_inputs, load_trained, saved_inputs
+from transfer_study.nn.build import load_inputs, load_trained, read_cache, saved_inputs
 from transfer_study.nn.device import autocast_dtype, default_device
 
 BATCH_SIZE = 256  # images or feature rows per forward pass
@@ -64,13 +63,7 @@ def mirrored_inputs(name, cached, inputs):
             f"evaluate.hflip is true but {path} is missing: rerun featurize_{name} "
             f"(dvc repro featurize_{name}), which caches it"
         )
-    mirrored = read_array_file(path, f"featurize_{name}")
-    if mirrored.shape != inputs.shape:
-        raise UserError(
-            f"{path} holds {mirrored.shape} features for {inputs.shape} test ones: "
-            f"rerun featurize_{name} (dvc repro featurize_{name})"
-        )
-    return mirrored
+    return read_cache(name, paths.FLIPPED_TEST, len(inputs))
 
 
 def logits_on_test(net, name, cached, inputs, hflip):
@@ -97,6 +90,12 @@ def evaluate_models(models, hflip=False):
         inputs, test = load_inputs(name, cached, "test")
         logits = logits_on_test(net, name, cached, inputs, hflip)
         results[name], tables[name] = score(logits, test.labels, test.classes)
+        loss = results[name]["test_loss"]
+        if not math.isfinite(loss):  # finite inputs, yet the model's outputs overflow
+            raise UserError(
+                f"{name}: test_loss is {loss}, its outputs on the test split are not finite; "
+                f"retrain it with a lower {name}.train.lr (dvc repro train_{name})"
+            )
     shutil.rmtree(paths.PREDICTIONS_DIR, ignore_errors=True)  # no left-out model's old table
     for name, table in tables.items():
         with atomic_path(paths.predictions_file(name)) as tmp:

@@ -32,8 +32,10 @@ def atomic_paths(*paths):
 
 
 def json_text(data):
-    """The text of every JSON file the project writes: indented, keys in their order."""
-    return json.dumps(data, indent=2, sort_keys=False) + "\n"
+    """The text of every JSON file the project writes: indented, keys in their order. NaN and
+    infinity raise ValueError: JSON has no such numbers (Python's NaN is not JSON, DVC's parser
+    refuses it), and a metric that is one is the caller's to report."""
+    return json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"
 
 
 def write_json(path, data):

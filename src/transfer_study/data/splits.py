@@ -119,11 +119,16 @@ def save_split(split, path):
         np.savez(file, images=split.images, labels=split.labels, classes=np.array(split.classes))
 
 
+def require_file(path, stage):
+    """Stop with one line naming the stage that writes `path` unless it exists."""
+    if not Path(path).is_file():
+        raise UserError(f"{path} does not exist: run the {stage} stage first (dvc repro {stage})")
+
+
 def read_array_file(path, stage):
     """np.load of a .npy or .npz file an earlier stage wrote (never a pickle); missing or
     damaged, one line naming the file and the stage that makes it."""
-    if not Path(path).is_file():
-        raise UserError(f"{path} does not exist: run the {stage} stage first (dvc repro {stage})")
+    require_file(path, stage)
     try:
         loaded = np.load(path, allow_pickle=False)
         return dict(loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded

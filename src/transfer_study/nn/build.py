@@ -1,7 +1,10 @@
 """Networks by model section: built to train, or rebuilt from a trained model file."""
 
+import json
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -10,7 +13,7 @@ from transfer_study.core.checks import shown
 from transfer_study.core.config import MlpParams, parse_saved_section, uses_features
 from transfer_study.core.markers import is_skipped
 from transfer_study.core.stage import UserError
-from transfer_study.data.splits import channel_stats, load_split, read_array_file
+from transfer_study.data.splits import channel_stats, load_split, read_array_file, require_file
 from transfer_study.nn.backbones import (
     UnreadableTensors,
     backbone_spec,
@@ -25,6 +28,7 @@ MAX_IMAGE_SIDE = 4096  # pixels; far above the size any dataset here is stored a
 # Training holds each parameter four times in float32: the weight, its gradient and Adam's two
 # moments (activations come on top).
 TRAINING_BYTES_PER_PARAM = 4 * 4
+FINITE_CHECK_ROWS = 4096  # cache rows checked for NaN at a time
 
 
 def build_net(
@@ -88,12 +92,58 @@ def data_stats(train_images):
     return {"shape": list(train_images.shape[1:]), "mean": mean, "std": std}
 
 
+def read_cache_meta(name):
+    """The meta.json featurize_<name> wrote beside its cache, checked for the keys training and
+    evaluation read; missing, damaged or another file (a left-out model's marker), one line
+    naming it and the stage to rerun."""
+    path, stage = paths.features_meta(name), f"featurize_{name}"
+    require_file(path, stage)
+    try:
+        meta = json.loads(path.read_bytes())
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+        meta = None
+    shape = meta.get("shape") if isinstance(meta, dict) else None
+    if not (
+        isinstance(shape, list)
+        and all(isinstance(n, int) and n >= 1 for n in shape)
+        and meta.get("feature_dim") == math.prod(shape)
+        and isinstance(meta.get("backbone_params"), int)
+    ):
+        raise UserError(
+            f"{path} does not hold the description {stage} writes (a mapping with feature_dim, "
+            f"shape and backbone_params); rerun {stage} (dvc repro {stage})"
+        )
+    return meta
+
+
+def read_cache(name, cached, rows):
+    """The float16 rows x feature_dim features or activations featurize_<name> cached as
+    `cached` (a split, or its mirrored images'), for `rows` images. Checked against meta.json
+    and the split, and for NaN and infinity: a cache of another run or a damaged one would
+    otherwise fail deep in training with a traceback, or train and score on NaN."""
+    stage = f"featurize_{name}"
+    width = read_cache_meta(name)["feature_dim"]
+    path = paths.features_file(name, cached)
+    array = read_array_file(path, stage)
+    if array.dtype != np.float16 or array.shape != (rows, width):
+        raise UserError(
+            f"{path} holds {array.dtype} values of shape {shown(array.shape)}, not float16 of "
+            f"shape ({rows}, {width}) (the split's images, meta.json's feature_dim); rerun "
+            f"{stage} (dvc repro {stage})"
+        )
+    # In chunks: a whole-array test would take a bool copy the size of half the cache.
+    chunks = range(0, rows, FINITE_CHECK_ROWS)
+    if not all(np.isfinite(array[i : i + FINITE_CHECK_ROWS]).all() for i in chunks):
+        raise UserError(f"{path} holds NaN or infinite values; rerun {stage} (dvc repro {stage})")
+    return array
+
+
 def load_inputs(name, inputs, split):
     """(inputs as the model `name` consumes them, the split itself) of a split: its cached
     `inputs` ("features" or "activations", config.cached_inputs), or None for its images."""
     data = load_split(paths.split_file(split))
     if inputs is not None:
-        return read_array_file(paths.features_file(name, split), f"featurize_{name}"), data
+        return read_cache(name, split, len(data.labels)), data
     return data.images, data
 
 

@@ -2,7 +2,6 @@
 
 import dataclasses
 import io
-import json
 import shutil
 import time
 import warnings
@@ -19,9 +18,16 @@ from transfer_study.core.atomic import atomic_paths, json_text
 from transfer_study.core.config import MlpParams, cached_inputs
 from transfer_study.core.progress import bars
 from transfer_study.core.stage import UserError
-from transfer_study.data.splits import draw_per_class, read_array_file
+from transfer_study.data.splits import draw_per_class
 from transfer_study.nn.backbones import UnreadableTensors, count_params, load_tensors
-from transfer_study.nn.build import build_net, check_trainable, data_stats, load_inputs
+from transfer_study.nn.build import (
+    build_net,
+    check_trainable,
+    data_stats,
+    load_inputs,
+    read_cache,
+    read_cache_meta,
+)
 from transfer_study.nn.device import (
     LIGHTNING_PRECISION,
     autocast_dtype,
@@ -45,19 +51,19 @@ warnings.filterwarnings("ignore", ".*overridden `on_after_batch_transfer`.*")
 warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
 
 
-def _flipped_features(name):
+def _flipped_features(name, rows):
     path = paths.features_file(name, paths.FLIPPED_TRAIN)
     if not path.exists():
         raise UserError(
             f"{name}.train.hflip is true but {path} is missing: set the shared train.hflip: true "
             f"so that featurize_{name} caches the mirrored train images' features"
         )
-    return read_array_file(path, f"featurize_{name}")
+    return read_cache(name, paths.FLIPPED_TRAIN, rows)
 
 
 def _feature_meta(name, inputs, section):
     """The meta file featurize_<name> wrote, once it is the cache this training reads."""
-    meta = json.loads(paths.features_meta(name).read_text())
+    meta = read_cache_meta(name)
     cut = section.trainable_layers if inputs == "activations" else 0
     if meta.get("inputs", "features") != inputs or meta.get("trainable_layers", 0) != cut:
         raise UserError(
@@ -136,7 +142,7 @@ def train_model(name, params, callbacks=()):
     module = Classifier(net, train, len(classes), pixels=not features, param_groups=groups)
     train_split = (train_x, train_y)
     if features and train.hflip:
-        train_split += (_flipped_features(name),)
+        train_split += (_flipped_features(name, len(train_y)),)
     if train.per_class is not None:
         # A small draw is passed over several times an epoch (an epoch is at least
         # MIN_EPOCH_IMAGES images), so that max_epochs and patience count comparable optimizer
@@ -165,7 +171,7 @@ def train_model(name, params, callbacks=()):
     if not trainer.is_global_zero:  # rank 0 writes the outputs
         return None
     history = epoch_history(sorted(checkpoints.glob("logs/version_*/metrics.csv")))
-    if history["val_loss"].isna().all():
+    if not np.isfinite(history["val_loss"]).any():  # inf too: no epoch to keep
         raise UserError(f"{name}: val_loss was never finite; lower {name}.train.lr")
     try:
         state = load_tensors(best.best_model_path)

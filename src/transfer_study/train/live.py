@@ -1,5 +1,6 @@
 """Live progress with DVCLive: each epoch's losses and accuracies, for dvc exp show and VS Code."""
 
+import math
 import sys
 import time
 
@@ -113,7 +114,10 @@ class LiveProgress(pl.Callback):
     def _log(self, epoch, values):
         self.live.step = epoch
         for key, value in values.items():
-            self.live.log_metric(key, float(value))
+            # DVCLive writes a NaN into metrics.json as the string "nan", which dvc metrics
+            # and exp show then hold as a metric: a diverged epoch's value is left out instead.
+            if math.isfinite(value):
+                self.live.log_metric(key, float(value))
         self.live.next_step()
 
     def finish(self, kept, epochs, seconds):
