@@ -1,16 +1,20 @@
 """Partial fine-tuning from cached activations: the cut, its cache, training above it only."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import only, params
+from conftest import REPO, only, params, write_params
 
 from transfer_study.core import paths
 from transfer_study.core.config import CUT_BACKBONES, cached_inputs
-from transfer_study.core.stage import UserError
+from transfer_study.core.stage import UserError, exit_on_user_error
 from transfer_study.data.splits import load_split
 from transfer_study.evaluate import evaluate_models, predict_logits
 from transfer_study.featurize import featurize_model
@@ -125,6 +129,39 @@ def test_a_cache_too_big_for_the_disk_is_refused_before_any_work(workdir, archiv
     with pytest.raises(UserError, match=r"lite0.trainable_layers = 2: featurize_lite0 would cache"):
         featurize_model("lite0", settings.model("lite0"))
     assert not paths.features_file("lite0", "train").parent.exists()
+
+
+def test_featurize_refuses_more_trainable_layers_than_blocks(workdir, archive, capsys):
+    # A slice of the last 21 of 20 blocks wraps around: it cached the cut for 1 and exited 0.
+    settings = lite0(archive, 21)
+    with pytest.raises(SystemExit) as stop:
+        exit_on_user_error(featurize_model)("lite0", settings.model("lite0"))
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: lite0.trainable_layers = 21: lite0 has 20 blocks; accepts 0 to 20, or all"
+    ]
+    assert not paths.features_file("lite0", "train").parent.exists()
+
+
+def test_featurize_refuses_a_model_crop_next_to_a_cut_before_any_work(tmp_path):
+    # Train refused it, but only after featurize had cached a whole pass.
+    (tmp_path / "dvc.yaml").write_text((Path(REPO) / "dvc.yaml").read_text())
+    cut_and_crop = {"trainable_layers": 3, "train": {"crop": 4}}
+    write_params(tmp_path / "params.yaml", {"models": only("lite0"), "lite0": cut_and_crop})
+    result = subprocess.run(
+        [sys.executable, f"{REPO}/stages/featurize.py", "lite0"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": f"{REPO}/src"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: lite0.train.crop = 4: the activations featurize_lite0 caches are of uncropped "
+        "images; set the shared train.crop instead (crops then train from images)"
+    ]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dvc.yaml", "params.yaml"]
 
 
 def test_the_cut_benchmark_prints_its_ratio_last(archive, capsys):

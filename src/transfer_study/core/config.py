@@ -132,6 +132,14 @@ def cached_inputs(name, section, crop):
         and section.trainable_layers != "all"
         and crop == 0
     ):
+        # Here, where featurize and train both decide what the cache holds: featurize refuses
+        # before caching a whole pass that train could not use.
+        if section.train.crop != crop:
+            raise UserError(
+                f"{name}.train.crop = {section.train.crop}: the activations featurize_{name} "
+                "caches are of uncropped images; set the shared train.crop instead (crops then "
+                "train from images)"
+            )
         return "activations"
     return None
 

@@ -248,18 +248,25 @@ def _torchvision_spec(name):
     return BackboneSpec(spec, feature_dim, load, _generic_body)
 
 
-def set_trainable_layers(name, body, trainable_layers):
-    """Freeze the body but its last `trainable_layers` blocks (an int, or "all")."""
-    if trainable_layers == "all":
-        return body.requires_grad_(True)
+def top_blocks(name, body, trainable_layers):
+    """(the body's blocks, its last `trainable_layers` of them). More than it has stops with one
+    line, in training and in featurize alike: a slice would wrap around and take fewer."""
     blocks = backbone_spec(name).body_blocks(body)
     if trainable_layers > len(blocks):
         raise UserError(
             f"{name}.trainable_layers = {trainable_layers}: {name} has {len(blocks)} blocks; "
             f"accepts 0 to {len(blocks)}, or all"
         )
+    return blocks, blocks[len(blocks) - trainable_layers :]
+
+
+def set_trainable_layers(name, body, trainable_layers):
+    """Freeze the body but its last `trainable_layers` blocks (an int, or "all")."""
+    if trainable_layers == "all":
+        return body.requires_grad_(True)
+    _, top = top_blocks(name, body, trainable_layers)
     body.requires_grad_(False)
-    for block in blocks[len(blocks) - trainable_layers :]:
+    for block in top:
         block.requires_grad_(True)
     return body
 
@@ -268,9 +275,8 @@ def cut_below_trainable(name, body, trainable_layers):
     """(below, above): the body's stages under the lowest stage holding one of its top
     `trainable_layers` blocks, and the rest, so that above(below(x)) == body(x). `above.blocks`
     lists the blocks it holds, input to output (a plain list: they stay registered once)."""
-    spec = backbone_spec(name)
-    stages, blocks = spec.stages(body), spec.body_blocks(body)
-    trainable = {id(b) for b in blocks[len(blocks) - trainable_layers :]}
+    blocks, top = top_blocks(name, body, trainable_layers)
+    stages, trainable = backbone_spec(name).stages(body), {id(b) for b in top}
     first = next(
         i for i, stage in enumerate(stages) if any(id(m) in trainable for m in stage.modules())
     )

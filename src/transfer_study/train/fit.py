@@ -104,11 +104,6 @@ def train_model(name, params, callbacks=()):
     enable_fast_cuda()
     pl.seed_everything(params.seed, workers=True)
     inputs = cached_inputs(name, section, params.train.crop)
-    if inputs == "activations" and train.crop != params.train.crop:
-        raise UserError(
-            f"{name}.train.crop = {train.crop}: the activations featurize_{name} caches are of "
-            "uncropped images; set the shared train.crop instead (crops then train from images)"
-        )
     train_x, train_data = load_inputs(name, inputs, "train")
     val_x, val_data = load_inputs(name, inputs, "val")
     train_y, val_y, classes = train_data.labels, val_data.labels, train_data.classes
