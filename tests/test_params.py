@@ -9,7 +9,7 @@ import yaml
 from conftest import REPO
 
 from transfer_study.core.checks import ParamsError
-from transfer_study.core.config import load_params
+from transfer_study.core.config import load_params, read_params
 from transfer_study.core.stage import RANK_VARIABLES, SIZE_VARIABLES, exit_on_user_error
 
 PARAMS = f"{REPO}/params.yaml"
@@ -177,6 +177,29 @@ def test_stage_prints_one_bounded_line_and_exits_2(tmp_path, change, line):
     assert result.returncode == 2
     (printed,) = result.stderr.strip().splitlines()
     assert printed.startswith(line) and len(printed) <= max(len(LRR), 200)
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    # PyYAML keeps the last value; DVC refuses the file, so the stage must too.
+    text = open(PARAMS).read()
+    first = text.splitlines().index("  lr: 1e-3") + 1
+    twice = text.replace("  lr: 1e-3\n", "  lr: 1e-3\n  lr: 1e-2\n", 1)
+    (tmp_path / "params.yaml").write_text(twice)
+    result = subprocess.run(
+        [sys.executable, f"{REPO}/stages/download.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: params.yaml is not valid YAML: line {first + 1}, column 3: key 'lr' given "
+        f"twice, on lines {first} and {first + 1}"
+    ]
+    # A merge key's values may be given again: that is how YAML overrides them.
+    (tmp_path / "merged.yaml").write_text("base: &base {lr: 1}\ntrain:\n  <<: *base\n  lr: 2\n")
+    assert read_params(tmp_path / "merged.yaml")["train"] == {"lr": 2}
 
 
 def test_a_yaml_error_keeps_its_line_and_column(tmp_path):

@@ -184,6 +184,18 @@ def test_images_are_turned_upright_by_their_exif_orientation(tmp_path):
     assert phone[0, :, :8].min() > 200 and phone[2, :, 8:].min() > 200  # red left, blue right
 
 
+def test_a_16_bit_png_is_read_as_its_top_8_bits(tmp_path):
+    # PIL's convert clipped 16-bit values at 255: 17 of 816 sample train images came out white.
+    wide = (np.arange(20 * 30).reshape(20, 30) * 100).astype(np.uint16)  # 0 to 59,900
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    Image.fromarray(wide).save(tmp_path / "imgs" / "a" / "deep.png")  # mode I;16
+    Image.fromarray((wide >> 8).astype(np.uint8)).save(tmp_path / "imgs" / "a" / "plain.png")
+    write_folder(tmp_path / "imgs", classes=("b",))
+    train, _, _ = read_folder(tmp_path / "imgs", 16)
+    deep, plain = train.images[:2]  # sorted: deep.png, plain.png
+    assert np.array_equal(deep, plain) and deep.mean() < 128
+
+
 @pytest.mark.parametrize("pixels", [1_500, 2_500])  # over PIL's warning limit; over its error
 def test_a_decompression_bomb_is_one_line_and_no_warning(tmp_path, monkeypatch, recwarn, pixels):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)  # PIL warns above it, fails above 2x

@@ -294,6 +294,10 @@ def _read_classes(folder, image_size, bad_images, skipped, classes=None):
 UNREADABLE_IMAGE = (OSError, ValueError, Image.DecompressionBombError)
 
 
+# The modes PIL opens a 16-bit grayscale PNG in: I;16 (and its byte orders), or I in older Pillow.
+SIXTEEN_BIT_GRAYSCALE = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def read_image(path, shape):
     """uint8 C x H x W pixels of an image file, upright by its EXIF orientation (as a phone
     photo is viewed), grayscale (C = 1) or RGB, resized to H x W."""
@@ -302,6 +306,11 @@ def read_image(path, shape):
         raise OSError("not a regular file")
     with _open_image(path) as image:
         upright = ImageOps.exif_transpose(image)
+        if upright.mode in SIXTEEN_BIT_GRAYSCALE:
+            # convert() clips their 0-65535 values at 255, so that a 16-bit photo comes out
+            # white: keep each value's top 8 bits instead.
+            top = np.asarray(upright).astype(np.int64) >> 8
+            upright = Image.fromarray(np.clip(top, 0, 255).astype(np.uint8))
         converted = upright.convert("L" if channels == 1 else "RGB")
         pixels = np.asarray(converted.resize((width, height), Image.BILINEAR))
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)

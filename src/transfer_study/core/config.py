@@ -2,6 +2,7 @@
 (what each key accepts: checks.py)."""
 
 import re
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,6 +163,28 @@ def yaml_problem(error):
     return " ".join(str(problem or error).split()) or type(error).__name__
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last
+    value, while DVC refuses the file, so a stage would run with a value DVC never recorded."""
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}  # key -> the line it is first given on
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may repeat keys
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"key {shown(key)} given twice, on lines {lines[key]} and {line}",
+                    problem_mark=key_node.start_mark,
+                )
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_params(path="params.yaml"):
     """params.yaml as YAML read it, not yet validated; unreadable, too large or not YAML: one
     line."""
@@ -173,7 +196,7 @@ def read_params(path="params.yaml"):
     if len(data) > MAX_PARAMS_BYTES:
         raise ParamsError(f"{path} is larger than {MAX_PARAMS_BYTES >> 20} MiB; is it params.yaml?")
     try:
-        return yaml.safe_load(data.decode("utf-8")) or {}
+        return yaml.load(data.decode("utf-8"), Loader=_UniqueKeyLoader) or {}
     except UnicodeDecodeError as error:
         raise ParamsError(f"{path}: not UTF-8 text (byte {error.start})") from None
     except (yaml.YAMLError, ValueError, RecursionError) as error:
