@@ -1,26 +1,20 @@
 """The notebook's verbs: DVC commands with their output streamed, and the study read back
 through dvc.api. Nothing here trains or scores: every number comes from the pipeline's files."""
 
-import codecs
 import io
-import json
 import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
-import yaml
 
+from transfer_study import experiments
 from transfer_study.core import paths
-from transfer_study.core.progress import VARIABLE as PROGRESS_VARIABLE
+from transfer_study.experiments import copied_results, experiment_names, overrides
 
 # Seconds around each queued experiment's training: the DVC worker's start, the copy of the
 # project, each stage's imports (~4 s a training stage on 2 CPU cores: docs/performance.md).
 # Measured on 2 CPU cores: a grid of 2 on the sample study, 98 s, 13 s of it training each.
 QUEUED_OVERHEAD_S = 35
-DVC = [sys.executable, "-m", "dvc"]  # the DVC of the kernel's environment
 
 
 class StudyError(SystemExit):
@@ -31,31 +25,16 @@ class StudyError(SystemExit):
 
 
 def run_dvc(*args):
-    """Run `dvc ARGS` in the project, its output streamed as it comes: progress bars redraw in
-    place, as a notebook renders carriage returns."""
-    _stream(args)
+    """Run `dvc ARGS` in the project, its output streamed as it comes."""
+    _run(args)
 
 
-def _stream(args, keep=False):
+def _run(args, keep=False):
     """run_dvc's work; with `keep`, returns what DVC printed."""
-    command = [*DVC, *map(str, args)]
-    env = {**os.environ, PROGRESS_VARIABLE: "bar", "PYTHONUNBUFFERED": "1"}
-    printed = []
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
-    ) as run:
-        while chunk := run.stdout.read1(65536):
-            text = decoder.decode(chunk)
-            if keep:
-                printed.append(text)
-            sys.stdout.write(text)
-            sys.stdout.flush()
-    if run.returncode != 0:
-        raise StudyError(
-            f"dvc {' '.join(map(str, args))} failed (exit {run.returncode}): see above"
-        )
-    return "".join(printed)
+    status, printed = experiments.stream(args, keep)
+    if status != 0:
+        raise StudyError(f"dvc {' '.join(map(str, args))} failed (exit {status}): see above")
+    return printed
 
 
 def device_summary():
@@ -99,25 +78,6 @@ def settings(data="official", md5="official", models=(), image_sizes=None, epoch
     return overrides({**chosen, **(extra or {})})
 
 
-def overrides(values):
-    """{"train.lr": 1e-4, "++lite0.train.lr": 0.01, ...} as dvc exp run's -S arguments, each
-    value written in the override grammar DVC reads (true, null, [512, 256], {mlp: true})."""
-    return [arg for key, value in values.items() for arg in ("-S", f"{key}={_flow(value)}")]
-
-
-def _flow(value):
-    """A value as an override: strings quoted (a path may hold a comma, which would otherwise
-    make a grid), mappings and lists in flow style, the rest as JSON writes it."""
-    if isinstance(value, str):
-        quote = "'" if "'" not in value else '"'
-        return f"{quote}{value}{quote}"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{key}: {_flow(item)}" for key, item in value.items()) + "}"
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(map(_flow, value)) + "]"
-    return json.dumps(value)
-
-
 def workspace_params():
     """The workspace's params.yaml, as dvc.api reads it."""
     import dvc.api
@@ -139,15 +99,9 @@ def experiment(name, *args):
 
 def remove_experiments(matches):
     """Remove the experiments of HEAD whose name `matches`."""
-    names = [name for name in _experiment_names() if matches(name)]
+    names = [name for name in experiment_names() if matches(name)]
     if names:
         run_dvc("exp", "remove", *names)
-
-
-def _experiment_names():
-    """The names of HEAD's experiments (dvc exp list)."""
-    command = [*DVC, "exp", "list", "--name-only"]
-    return subprocess.run(command, capture_output=True, text=True).stdout.split()
 
 
 def answer_table():
@@ -245,46 +199,13 @@ def queue_grid(name, key, values):
     `name` or `name-<n>` are removed first. Returns the new experiments' names."""
     remove_experiments(lambda existing: re.fullmatch(rf"{re.escape(name)}(-\d+)?", existing))
     grid = f"{key}={','.join(map(str, values))}"
-    copied = [arg for path in _untracked_results() for arg in ("--copy-paths", path)]
-    queued = _stream(("exp", "run", "--queue", *copied, "-n", name, "-S", grid), keep=True)
+    queued = _run(("exp", "run", "--queue", *copied_results(), "-n", name, "-S", grid), keep=True)
     names = re.findall(r"Queued experiment '([^']+)'", queued)
     run_dvc("exp", "run", "--run-all")
-    failed = sorted(set(names) - set(_experiment_names()))
+    failed = sorted(set(names) - set(experiment_names()))
     if failed:
         raise StudyError(f"{', '.join(failed)} failed: dvc queue logs {failed[0]} tells why")
     return names
-
-
-def _untracked_results():
-    """dvc.lock and the outputs that dvc.yaml leaves to git (cache: false), where git does not
-    track them yet, as in a fresh clone. A queued experiment starts from git's view of the
-    workspace: without them, every stage whose lock entry or output is missing, featurize
-    included, would run again in each experiment."""
-    stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"].values()
-    uncached = [
-        path
-        for stage in stages
-        for out in stage.get("outs", [])
-        if isinstance(out, dict)
-        for path, options in out.items()
-        if not (options or {}).get("cache", True)
-    ]
-    wanted = ["dvc.lock", *uncached]
-    # --directory: a folder git knows nothing of is one entry (dvclive/), copied whole: DVC's
-    # copy makes no parent folder for a path inside it.
-    command = ["git", "ls-files", "--others", "--exclude-standard", "--directory"]
-    listed = subprocess.run(command, capture_output=True, text=True).stdout.split()
-    return [entry.rstrip("/") for entry in listed if any(_holds(entry, p) for p in wanted)]
-
-
-def _holds(entry, path):
-    """Whether git's untracked `entry` (a folder ends with /) is `path`, lies inside it, or is a
-    folder that holds it."""
-    return (
-        entry.rstrip("/") == path
-        or entry.startswith(f"{path}/")
-        or (entry.endswith("/") and path.startswith(entry))
-    )
 
 
 def labels_curve(baseline, names):
