@@ -1,15 +1,16 @@
-"""Command line: python -m transfer_study predict --model NAME IMAGE_OR_FOLDER..."""
+"""The command line, `transfer-study` or `python -m transfer_study`: predict, tune, bench."""
 
 import argparse
 import csv
 import json
 import os
 import sys
+from pathlib import Path
 
 from tqdm import tqdm
 
+from transfer_study.bench.arguments import at_least
 from transfer_study.core.stage import exit_on_user_error
-from transfer_study.predict import image_files, predict_files
 
 PROGRESS_FROM = 300  # images; fewer finish before a progress bar would say anything
 
@@ -54,6 +55,25 @@ def _writer(form):
     return text
 
 
+def _tune(args):
+    from transfer_study.tune.search import describe, run_search
+    from transfer_study.tune.space import load_search
+
+    chosen = {"trials": args.trials, "sampler": args.sampler}
+    search = load_search(args.search, {key: v for key, v in chosen.items() if v is not None})
+    name = args.name or Path(args.search).stem
+    print(describe(search, name, search.settings.trials), flush=True)
+    try:
+        run_search(search, name, search.settings.trials)
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: finished trials are kept; run the same command to go on (the "
+            "interrupted trial runs again)",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+
+
 @exit_on_user_error
 def main(argv=None):
     try:
@@ -64,21 +84,46 @@ def main(argv=None):
 
 
 def _main(argv):
-    parser = argparse.ArgumentParser(prog="python -m transfer_study")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the benchmarks parse their own arguments
+        from transfer_study.bench.__main__ import main as bench
+
+        return bench(argv[1:])
+    parser = argparse.ArgumentParser(prog="transfer-study")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "bench",
+        help="the benchmarks: features, study, cut (transfer-study bench -h)",
+        add_help=False,
+    )
+    tune = commands.add_parser(
+        "tune",
+        help="search params with Optuna, each trial a DVC experiment (docs/experiments.md)",
+        description="A seeded TPE (or random) search over the keys a search file declares, each "
+        "trial a named DVC experiment run in a temporary copy of the project; maximizes the "
+        "model's kept-epoch val accuracy. Run the same command again to resume.",
+    )
+    tune.add_argument("search", help="a search file, such as search/lite0-head.yaml")
+    tune.add_argument("--name", help="the search's name, its experiments' prefix (the file's stem)")
+    tune.add_argument("--trials", type=at_least(1), help="trials in all (the file's `trials`)")
+    tune.add_argument("--sampler", choices=("tpe", "random"), help="the file's `sampler`")
     predict = commands.add_parser(
         "predict",
         help="top classes of image files and folders under a trained model (run in the project)",
     )
     predict.add_argument("--model", required=True, help="a trained model: mlp, vgg16, ...")
-    predict.add_argument("--top", type=int, default=3, help="classes shown per image (3)")
+    predict.add_argument("--top", type=at_least(1), default=3, help="classes shown per image (3)")
     predict.add_argument(
         "--format", choices=("text", "csv", "json"), default="text", help="output (text)"
     )
     predict.add_argument("images", nargs="+", help="image files (jpg, png, ...) or folders")
     args = parser.parse_args(argv)
-    if args.top < 1:
-        parser.error("--top must be at least 1")
+    return _tune(args) if args.command == "tune" else _predict(args)
+
+
+def _predict(args):
+    from transfer_study.predict import image_files, predict_files  # torch: only to predict
+
     files, problems = image_files(args.images)
     for path, why in problems:
         print(f"error: {_shown(path)}: {why}", file=sys.stderr)
