@@ -1,5 +1,7 @@
 """A search's two plots: the best val accuracy so far against trials, and which keys mattered."""
 
+import warnings
+
 import optuna
 from matplotlib.figure import Figure  # a figure of its own: no pyplot, no display
 from optuna.trial import TrialState
@@ -34,7 +36,9 @@ def plot_importances(study, path):
     """How much reaching the best quarter of the trials depended on each key, as bars: Optuna's
     PED-ANOVA, which needs no further library (its fANOVA needs scikit-learn)."""
     evaluator = optuna.importance.PedAnovaImportanceEvaluator(target_quantile=TOP_SHARE)
-    importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    with warnings.catch_warnings(record=True) as raised:  # too few trials: all equal, it warns
+        warnings.simplefilter("always")
+        importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
     keys = list(importances)[::-1]  # the most important on top
     finished = sum(t.state == TrialState.COMPLETE for t in study.trials)
     figure = Figure(figsize=(6.5, 0.6 * len(keys) + 1.5))
@@ -42,7 +46,8 @@ def plot_importances(study, path):
     axis.barh([k.removeprefix("++") for k in keys], [importances[k] for k in keys])
     axis.set(
         xlabel=f"importance for reaching the best {TOP_SHARE:.0%} of val accuracies (PED-ANOVA)",
-        title=f"Which keys mattered ({finished} trials)",
+        title=f"Which keys mattered ({finished} trials"
+        + ("; too few to tell them apart)" if raised else ")"),
     )
     axis.grid(axis="x", alpha=0.3)
     _save(figure, path)
