@@ -147,5 +147,7 @@ def test_a_left_out_models_stage_writes_markers_without_importing_torch(tmp_path
         assert json.loads((tmp_path / path).read_text()) == {"skipped": True}
     if script == "train":
         assert is_skipped(tmp_path / f"models/{name}.pt")
+        # No headline figure: dvc exp show gives a left-out model no column.
+        assert json.loads((tmp_path / f"dvclive/{name}/metrics.json").read_text()) == {}
         header = (tmp_path / f"plots/history/{name}.csv").read_text()
         assert header == "epoch,train_loss,train_acc,val_loss,val_acc\n"

@@ -20,6 +20,7 @@ from transfer_study.tune.figures import plot_history, plot_importances
 from transfer_study.tune.space import SearchError
 
 SEARCH_DIR = Path("search")  # search files; each search's record and results in <name>/
+MAX_SUMMARY_BYTES = 1 << 16  # a DVCLive summary is a few hundred bytes
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")  # becomes experiment names: git ref names
 
 
@@ -224,6 +225,16 @@ def _cell(value):
     return json.dumps(value) if isinstance(value, list | dict) else value
 
 
+def _workspace_val_accuracy(model):
+    """The kept epoch's val accuracy in the workspace's DVCLive summary of `model`, if it holds
+    one (none before a first run, or for a model left out)."""
+    try:
+        with open(paths.live_summary(model), "rb") as file:
+            return float(json.loads(file.read(MAX_SUMMARY_BYTES))["val"]["acc"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _report(search, study, name, folder, seconds, run_trial):
     """The trial table (printed, and folder/trials.csv), the two plots, and the best trial:
     its val accuracy, its test accuracy read once here, and how to make it the workspace."""
@@ -244,9 +255,8 @@ def _report(search, study, name, folder, seconds, run_trial):
         f"\n{len(done)} of {len(table)} trials finished{rate}; this run took {seconds / 60:.1f} "
         f"min. Table and plots: {folder}/"
     )
-    workspace = paths.live_summary(search.model)
-    if workspace.exists():  # the params the search started from, as a yardstick
-        own = json.loads(workspace.read_text())["val"]["acc"]
+    own = _workspace_val_accuracy(search.model)
+    if own is not None:  # the params the search started from, as a yardstick
         print(f"the workspace's {search.model} (params.yaml as it is): val accuracy {own:.4f}")
     print(
         f"best: {experiment}, val accuracy {best.value:.4f} (its test accuracy, read once here: "
