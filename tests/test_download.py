@@ -47,6 +47,18 @@ def test_fetch_copies_and_verifies(kind, source, tmp_path, request):
     assert [p.name for p in dest.parent.iterdir()] == ["archive.tar.gz"]
 
 
+@pytest.mark.parametrize("kind", ["path", "http"])
+def test_progress_says_copy_for_a_local_file_and_download_for_a_url(
+    kind, source, tmp_path, request, monkeypatch, capsys
+):
+    monkeypatch.setenv("TRANSFER_STUDY_PROGRESS", "lines")  # a log's lines, as under DVC
+    url = str(source) if kind == "path" else request.getfixturevalue("http_url")
+    fetch(url, tmp_path / "archive.tar.gz", md5=MD5)
+    printed = capsys.readouterr().err
+    verb, other = ("copy", "download") if kind == "path" else ("download", "copy")
+    assert f"{verb} archive.tar.gz" in printed and f"{other} archive" not in printed
+
+
 def test_wrong_md5_leaves_nothing(source, tmp_path):
     with pytest.raises(UserError, match=f"md5 of .* is {MD5}, expected 0123"):
         fetch(str(source), tmp_path / "data" / "archive.tar.gz", md5="0123")

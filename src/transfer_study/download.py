@@ -20,6 +20,7 @@ CHUNK = 1 << 20  # bytes per read
 ATTEMPTS = 4  # tries per file on transient network errors
 BACKOFF = 2.0  # seconds before the first retry; doubles each time (2, 4, 8 s)
 TIMEOUT = 60  # seconds without a byte before a connection counts as failed
+REMOTE_SCHEMES = ("http", "https", "ftp")  # what is downloaded; anything else is a local copy
 
 
 class _TransientError(Exception):
@@ -77,7 +78,8 @@ def _fetch_once(url, dest, md5, timeout):
     with atomic_path(dest) as tmp:
         digest = hashlib.md5()
         with _open(url, timeout) as (source, size), tmp.open("wb") as out:
-            with progress(size, f"download {dest.name}", unit="B", unit_scale=True) as bar:
+            verb = "download" if urlparse(url).scheme in REMOTE_SCHEMES else "copy"
+            with progress(size, f"{verb} {dest.name}", unit="B", unit_scale=True) as bar:
                 while chunk := _read(source):
                     out.write(chunk)
                     digest.update(chunk)
@@ -101,7 +103,7 @@ def _read(source):
 def _open(url, timeout):
     """Yield (readable file, size in bytes or None) for a URL or a local path."""
     parsed = urlparse(url)
-    if parsed.scheme in ("http", "https", "ftp"):
+    if parsed.scheme in REMOTE_SCHEMES:
         try:
             response = urllib.request.urlopen(url, timeout=timeout)
         except urllib.error.HTTPError as error:
