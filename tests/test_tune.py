@@ -311,3 +311,18 @@ def test_an_interrupted_search_resumes_without_repeating_a_trial(searched):
     assert "trial 3 was interrupted: running it again" in resumed
     assert "=== trial 1/" not in resumed and "=== trial 2/" not in resumed
     assert stages_run(resumed).count("train_vgg16") == 1
+
+
+def test_the_console_script_offers_predict_tune_and_bench(capsys):
+    import tomllib
+
+    scripts = tomllib.loads(open(f"{REPO}/pyproject.toml").read())["project"]["scripts"]
+    assert scripts == {"transfer-study": "transfer_study.__main__:main"}
+    with pytest.raises(SystemExit) as done:
+        main(["-h"])
+    assert done.value.code == 0
+    assert "{bench,tune,predict}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:  # bench: the benchmarks' own arguments
+        main(["bench", "cut", "--images", "0"])
+    assert refused.value.code == 2
+    assert "argument --images: accepts an integer >= 1, got '0'" in capsys.readouterr().err
