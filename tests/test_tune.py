@@ -326,3 +326,11 @@ def test_the_console_script_offers_predict_tune_and_bench(capsys):
         main(["bench", "cut", "--images", "0"])
     assert refused.value.code == 2
     assert "argument --images: accepts an integer >= 1, got '0'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", [b"\x00\xff garbage\n", b'{"op_code": 0}\n', b"[1, 2]\n"])
+def test_a_damaged_record_is_one_line(project, damage):
+    (project / "search/broken").mkdir(parents=True)
+    (project / "search/broken/journal.log").write_bytes(damage)
+    with pytest.raises(SearchError, match="search/broken/journal.log is damaged"):
+        run_search(load_search(search_file(project, HEAD_SPACE)), "broken", 2, Fake())

@@ -16,16 +16,13 @@ from optuna.trial import TrialState
 from transfer_study import experiments
 from transfer_study.core import paths
 from transfer_study.core.atomic import write_text
+from transfer_study.core.checks import shown
 from transfer_study.tune.figures import plot_history, plot_importances
 from transfer_study.tune.space import SearchError
 
 SEARCH_DIR = Path("search")  # search files; each search's record and results in <name>/
 MAX_SUMMARY_BYTES = 1 << 16  # a DVCLive summary is a few hundred bytes
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")  # becomes experiment names: git ref names
-
-
-def search_dir(name):
-    return SEARCH_DIR / name
 
 
 def run_search(search, name, trials, run_trial=None):
@@ -36,11 +33,11 @@ def run_search(search, name, trials, run_trial=None):
     Optuna study."""
     if not NAME.fullmatch(name):
         raise SearchError(
-            f"search name {name!r}: lowercase letters, digits, - and _, at most 48 characters "
-            "(it names the experiments)"
+            f"search name {shown(name)}: lowercase letters, digits, - and _, at most 48 "
+            "characters (it names the experiments; --name gives another)"
         )
     run_trial = run_trial or DvcTrial(search.model)
-    folder = search_dir(name)
+    folder = SEARCH_DIR / name
     folder.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial instead
     study = _study(search, name, folder)
@@ -86,20 +83,27 @@ def _study(search, name, folder):
     """The search's Optuna study, loaded from its journal if it has one. A journal of another
     space, seed, model or baseline commit cannot be continued: its trials would mean something
     else."""
-    storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(folder / "journal.log"))
-    )
-    study = optuna.create_study(
-        storage=storage, study_name=name, direction="maximize", load_if_exists=True
-    )
+    journal = folder / "journal.log"
+    try:
+        storage = optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(journal))
+        )
+        study = optuna.create_study(
+            storage=storage, study_name=name, direction="maximize", load_if_exists=True
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # not Optuna's journal
+        raise SearchError(
+            f"{journal} is damaged ({type(error).__name__}): remove {folder} to start the "
+            "search over"
+        ) from None
     record = {"search": search.fingerprint(), "baseline": _head()}
     if not study.trials and not study.user_attrs:
-        clashing = [e for e in experiments.experiment_names() if _experiment_number(name, e)]
+        clashing = sorted(e for e in experiments.experiment_names() if _is_trial(name, e))
         if clashing:
+            listed = ", ".join(clashing[:3]) + (", ..." if len(clashing) > 3 else "")
             raise SearchError(
-                f"experiments {', '.join(sorted(clashing)[:3])} ... exist, but no record of "
-                f"search {name} does ({folder}/journal.log): remove them (dvc exp remove) or "
-                "name another search (--name)"
+                f"experiments {listed} exist, but no record of search {name} does ({journal}): "
+                "remove them (dvc exp remove) or name another search (--name)"
             )
         for key, value in record.items():
             study.set_user_attr(key, value)
@@ -107,7 +111,7 @@ def _study(search, name, folder):
         if study.user_attrs.get(key) != value:
             what = "space, model, seed or sampler" if key == "search" else "baseline commit"
             raise SearchError(
-                f"search {name} was started with another {what} ({folder}/journal.log): name a "
+                f"search {name} was started with another {what} ({journal}): name a "
                 f"new search (--name), or remove {folder} to start it over"
             )
     return study
@@ -118,9 +122,9 @@ def _head():
     return subprocess.run(command, capture_output=True, text=True).stdout.strip()
 
 
-def _experiment_number(name, experiment):
-    found = re.fullmatch(rf"{re.escape(name)}-(\d+)", experiment)
-    return int(found.group(1)) if found else None
+def _is_trial(name, experiment):
+    """Whether `experiment` is named as trials of search `name` are."""
+    return re.fullmatch(rf"{re.escape(name)}-\d+", experiment) is not None
 
 
 def _ended(study):
@@ -132,8 +136,8 @@ def _run(search, study, name, trial, run_trial, trials):
     number = trial.number
     experiment = f"{name}-{number + 1}"
     settings = search.overrides(trial.params)
-    shown = ", ".join(f"{key.removeprefix('++')}={value}" for key, value in settings.items())
-    print(f"\n=== trial {number + 1}/{trials} ({experiment}): {shown}", flush=True)
+    values = ", ".join(f"{key.removeprefix('++')}={value}" for key, value in settings.items())
+    print(f"\n=== trial {number + 1}/{trials} ({experiment}): {values}", flush=True)
     started = time.monotonic()
     try:
         value = run_trial(experiment, settings)
