@@ -70,6 +70,10 @@ def test_model_train_section_overrides_only_that_model():
             {"resnet99": {}},
             "unknown key 'resnet99' (valid: seed, models, data, train, evaluate, or the",
         ),
+        (  # as `dvc exp run -S ++nosection.x=1` leaves params.yaml: the likely cause is named
+            {"nosection": {"x": 1}},
+            "; a misspelt `dvc exp run -S ++key=...` adds such a key: remove it from params.yaml",
+        ),
         ({"models": ["mlp", "lite0"]}, "models: expected a mapping of model name -> true or"),
         ({"models": {"vgg16": "yes"}}, "models.vgg16: expected true or false, got 'yes'"),
         (

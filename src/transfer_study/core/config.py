@@ -221,7 +221,8 @@ def parse_params(raw):
         if key not in COMMON_KEYS and key not in switches:
             raise ParamsError(
                 f"unknown key {shown(key)} (valid: {', '.join(COMMON_KEYS)}, or the section of "
-                f"a model listed in `models`: {shown(', '.join(switches))})"
+                f"a model listed in `models`: {shown(', '.join(switches))}); a misspelt "
+                "`dvc exp run -S ++key=...` adds such a key: remove it from params.yaml"
             )
     for name in switches:
         if name not in raw:
