@@ -4,14 +4,16 @@ import warnings
 
 import optuna
 from matplotlib.figure import Figure  # a figure of its own: no pyplot, no display
+from matplotlib.ticker import MaxNLocator
 from optuna.trial import TrialState
 
 from transfer_study.core.atomic import atomic_path
 
 
-def plot_history(study, path, title):
+def plot_history(study, path, title, workspace=None):
     """Each finished trial's val accuracy, and the best so far as a step line; failed trials as
-    crosses on the axis."""
+    crosses on the axis; the workspace's own val accuracy (`workspace`), if known, as a dashed
+    line to beat."""
     figure = Figure(figsize=(6.5, 4))
     axis = figure.subplots()
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
@@ -23,7 +25,10 @@ def plot_history(study, path, title):
     failed = [t.number + 1 for t in study.trials if t.state == TrialState.FAIL]
     if failed:
         axis.plot(failed, [min(values)] * len(failed), "x", color="C3", label="failed")
+    if workspace is not None:
+        axis.axhline(workspace, color="grey", linestyle="--", label="params.yaml as it is")
     axis.set(xlabel="trial", ylabel="val accuracy (kept epoch)", title=title)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are whole
     axis.grid(alpha=0.3)
     axis.legend(loc="lower right")
     _save(figure, path)
@@ -45,7 +50,7 @@ def plot_importances(study, path):
     axis = figure.subplots()
     axis.barh([k.removeprefix("++") for k in keys], [importances[k] for k in keys])
     axis.set(
-        xlabel=f"importance for reaching the best {TOP_SHARE:.0%} of val accuracies (PED-ANOVA)",
+        xlabel=f"importance for reaching the best {TOP_SHARE:.0%} of trials (PED-ANOVA)",
         title=f"Which keys mattered ({finished} trials"
         + ("; too few to tell them apart)" if raised else ")"),
     )

@@ -248,21 +248,24 @@ def _report(search, study, name, folder, seconds, run_trial):
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if not done:
         raise SearchError(f"no trial of search {name} finished: {folder}/trials.csv says why")
-    plot_history(study, folder / "history.png", f"{name}: {search.model} val accuracy")
+    own = _workspace_val_accuracy(search.model)  # the params it started from: a yardstick
+    plot_history(study, folder / "history.png", f"{name}: {search.model} val accuracy", own)
     plot_importances(study, folder / "importance.png")
-    best = study.best_trial
-    experiment = best.user_attrs["experiment"]
-    tested = run_trial.test_accuracy(experiment)
     each = table["seconds"].mean()
     rate = f", {3600 / each:.0f} trials an hour ({each:.0f} s each)" if each > 0 else ""
     print(
         f"\n{len(done)} of {len(table)} trials finished{rate}; this run took {seconds / 60:.1f} "
         f"min. Table and plots: {folder}/"
     )
-    own = _workspace_val_accuracy(search.model)
-    if own is not None:  # the params the search started from, as a yardstick
+    if own is not None:
         print(f"the workspace's {search.model} (params.yaml as it is): val accuracy {own:.4f}")
+    best = study.best_trial
+    experiment = best.user_attrs["experiment"]
+    try:
+        tested = f"{run_trial.test_accuracy(experiment):.4f}"
+    except TrialFailed as failure:
+        tested = f"unreadable: {failure}"
     print(
         f"best: {experiment}, val accuracy {best.value:.4f} (its test accuracy, read once here: "
-        f"{tested:.4f})\nmake it the workspace: dvc exp apply {experiment}"
+        f"{tested})\nmake it the workspace: dvc exp apply {experiment}"
     )
