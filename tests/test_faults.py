@@ -1,6 +1,7 @@
 """Reproducible to the bit, and safe under interruption, resumption and a full disk."""
 
 import errno
+import hashlib
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ from transfer_study.core.config import deep_merge
 from transfer_study.core.stage import exit_on_user_error
 from transfer_study.data.splits import load_split
 from transfer_study.evaluate import evaluate_models
-from transfer_study.featurize import featurize
+from transfer_study.featurize import featurize, featurize_model
 from transfer_study.train.fit import train_model
 
 
@@ -152,28 +153,100 @@ def leftovers(workdir):
     return [p for p in workdir.rglob(".*.tmp*")]
 
 
+def digests(*roots):
+    """{path: SHA-256} of each file at or under `roots` (none for a root that is missing)."""
+    files = [f for root in map(Path, roots) for f in (root, *root.rglob("*")) if f.is_file()]
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def previous_training(name):
+    """The digests of a training stage's outputs, DVCLive's folder included."""
+    found = digests(*train_outputs(name), paths.live_dir(name))
+    assert len(found) > 4  # a previous run's files: the three outputs and DVCLive's
+    return found
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_interrupted_training_leaves_no_output(workdir, archive, signum, stage):
+def test_interrupted_training_leaves_the_previous_outputs(study, signum, stage):
     long_run = {"max_epochs": 10_000, "patience": 10_000}
-    write_params(workdir / "params.yaml", deep_merge(tiny_overrides(archive), {"train": long_run}))
-    process = stage(workdir, "train", "mlp")
+    overrides = deep_merge(tiny_overrides(study.archive), {"train": long_run})
+    write_params(study.root / "params.yaml", overrides)
+    before = previous_training("mlp")
+    process = stage(study.root, "train", "mlp")
     wait_for((paths.checkpoint_dir("mlp") / "last.ckpt").exists, process)
     process.send_signal(signum)
     assert process.wait(timeout=60) == 130  # as featurize: not Lightning's exit status 1
     assert "interrupted: no output of this stage was completed" in process.stderr.read()
-    assert not any(output.exists() for output in train_outputs("mlp"))
-    assert leftovers(workdir) == []
+    assert previous_training("mlp") == before
+    assert leftovers(study.root) == []
+    assert (paths.checkpoint_dir("mlp") / "last.ckpt").is_file()  # kept for train.resume
 
 
-def test_interrupted_featurize_leaves_no_output(workdir, archive, stage):
+class Fail(pl.Callback):
+    """Training that raises in its first epoch (no epoch saved), or that diverges: NaN weights
+    from the start, so val_loss is never finite and the stage refuses the run after it."""
+
+    def __init__(self, how):
+        self.how = how
+
+    def on_train_start(self, trainer, module):
+        if self.how == "diverges":
+            for weights in module.parameters():
+                weights.data.fill_(float("nan"))
+
+    def on_train_epoch_end(self, trainer, module):
+        if self.how == "raises":
+            raise RuntimeError("crashed")
+
+
+@pytest.mark.parametrize("how", ["raises", "diverges"])
+def test_failed_training_leaves_the_previous_outputs(study, how, capsys):
+    before = previous_training("mlp")
+    stage_main = exit_on_user_error(train_model)
+    with pytest.raises(RuntimeError if how == "raises" else SystemExit):
+        stage_main("mlp", study.params_with(train={"max_epochs": 3}), callbacks=[Fail(how)])
+    if how == "diverges":
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            "error: mlp: val_loss was never finite; lower mlp.train.lr"
+        )
+    assert previous_training("mlp") == before
+    assert leftovers(study.root) == []
+    assert not paths.checkpoint_dir("mlp").exists()  # nothing a resumed run could continue
+
+
+def previous_cache(name):
+    """The digests of a featurize stage's outputs."""
+    found = digests(paths.features_dir(name), paths.featurize_metrics(name))
+    assert len(found) == 7  # train, val, test, their mirrored train and test, meta, metrics
+    return found
+
+
+def test_interrupted_featurize_leaves_the_previous_cache(study, stage):
     slow = {"vgg16": {"image_size": 224}}  # seconds per split on a CPU
-    write_params(workdir / "params.yaml", deep_merge(tiny_overrides(archive), slow))
-    process = stage(workdir, "featurize", "vgg16")
-    wait_for(lambda: leftovers(workdir), process)  # the train features are being written
+    write_params(study.root / "params.yaml", deep_merge(tiny_overrides(study.archive), slow))
+    before = previous_cache("vgg16")
+    process = stage(study.root, "featurize", "vgg16")
+    # The train features are written whole, the val features are being written.
+    wait_for(lambda: list(paths.features_dir("vgg16").glob(".val.tmp*")), process)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 130
     assert "interrupted: no output of this stage was completed" in process.stderr.read()
-    assert not paths.features_file("vgg16", "train").exists() and leftovers(workdir) == []
+    assert previous_cache("vgg16") == before and leftovers(study.root) == []
+
+
+def test_failed_featurize_leaves_the_previous_cache(study, monkeypatch):
+    before = previous_cache("vgg16")
+    real = featurize
+
+    def fails_at_val(extractor, images, out_path, *args, **kwargs):
+        if Path(out_path).stem == "val":  # after the train features are written whole
+            raise RuntimeError("crashed")
+        return real(extractor, images, out_path, *args, **kwargs)
+
+    monkeypatch.setattr("transfer_study.featurize.featurize", fails_at_val)
+    with pytest.raises(RuntimeError, match="crashed"):
+        featurize_model("vgg16", study.params.model("vgg16"))
+    assert previous_cache("vgg16") == before and leftovers(study.root) == []
 
 
 class SwallowedSigint(pl.Callback):

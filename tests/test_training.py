@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from conftest import REPO, TRAIN_KEYS, params, tiny_overrides, write_params
@@ -46,12 +47,26 @@ def test_early_stopping_on_val_loss(workdir, archive):
     assert metrics["epochs"] == 2
 
 
+class ReadsLiveSummary(pl.Callback):
+    """After LiveProgress (train_model's callbacks come after it): the summary dvc exp show
+    reads at each epoch's end."""
+
+    def __init__(self):
+        self.texts = []
+
+    def on_train_epoch_end(self, trainer, module):
+        self.texts.append(paths.live_summary("mlp").read_text())
+
+
 def test_divergence_is_reported(workdir, archive):
+    live = ReadsLiveSummary()
     with pytest.raises(UserError, match="mlp: val_loss was never finite; lower mlp.train.lr"):
-        train_model("mlp", params(archive, train={"lr": 1e6, "optimizer": "sgd"}))
-    # The live summary holds no NaN, as a number or as DVCLive's string "nan".
-    live = json.loads(paths.live_summary("mlp").read_text(), parse_constant=pytest.fail)
-    assert "loss" not in live.get("val", {})
+        train_model("mlp", params(archive, train={"lr": 1e6, "optimizer": "sgd"}), [live])
+    # The live summary holds no NaN while it runs, as a number or as DVCLive's string "nan";
+    # the refused run leaves none behind (there was none before it).
+    for text in live.texts:
+        assert "loss" not in json.loads(text, parse_constant=pytest.fail).get("val", {})
+    assert live.texts and not paths.live_dir("mlp").exists()
 
 
 def test_saved_model_reproduces_the_trained_network(study):

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from transfer_study.core import paths, timing
-from transfer_study.core.atomic import atomic_path, write_json
+from transfer_study.core.atomic import Rewritten, atomic_path, write_json
 from transfer_study.core.config import cached_inputs
 from transfer_study.core.progress import bars, progress
 from transfer_study.core.stage import UserError, launcher_variable, stop_if_signalled
@@ -112,7 +112,7 @@ def _output_shape(extractor, image, device):
 def _check_disk(name, section, shape, rows):
     """Refuse, in one line, a cache of `rows` images of `shape` float16 values that would not
     fit in the free space of the features folder."""
-    folder = paths.features_file(name, "train").parent.absolute()
+    folder = paths.features_dir(name).absolute()
     existing = next(f for f in (folder, *folder.parents) if f.exists())  # nothing made yet
     needed, free = rows * math.prod(shape) * 2, shutil.disk_usage(existing).free
     if needed > free:
@@ -154,7 +154,8 @@ def featurize_model(name, section, hflip=False, crop=0):
     which averages the two predictions, reruns evaluate alone. With `hflip`, the mirrored train
     images' too (one more pass over train), so that training can flip at random and still read
     the cache. Under torchrun each rank featurizes its slice of every split on its own GPU, and
-    rank 0 joins the slices. A cache that would not fit on the disk is refused before any work.
+    rank 0 joins the slices. A cache that would not fit on the disk is refused before any work;
+    a failed or interrupted run leaves the previous cache and its metrics as they were.
     """
     rank, world, local_rank = torchrun_ranks()
     bars()  # a bad TRANSFER_STUDY_PROGRESS is refused before any work
@@ -174,50 +175,57 @@ def featurize_model(name, section, hflip=False, crop=0):
     shape = _output_shape(extractor, splits["train"][:1], device)
     rows = sum(len(splits[split]) for _, split, _ in jobs)
     _check_disk(name, section, shape, rows)
-    begun = time.perf_counter()  # the passes only: not a first download of the weights
-    timings = {}
-    for out_name, split, flip in jobs:
-        images = splits[split]
-        path = paths.features_file(name, out_name)
-        parts = [path.with_name(f"{path.stem}.part{r}.npy") for r in range(world)]
-        mine = slice(rank * len(images) // world, (rank + 1) * len(images) // world)
-        start = time.perf_counter()
-        featurize(
-            extractor,
-            images[mine],
-            parts[rank] if world > 1 else path,
-            math.prod(shape),
-            device,
-            desc=f"{name} {out_name}",
-            flip=flip,
-        )
+    # The cache is one set: a failed or interrupted pass puts the previous one back whole, and
+    # its metrics stay with it. Rank 0 sets it aside before any rank writes its part there.
+    with Rewritten(paths.features_dir(name)) as cache:
+        if rank == 0:
+            cache.begin()
         if world > 1:
             dist.barrier()
-            if rank == 0:
-                _concatenate(parts, path)
-        timings[out_name] = len(images) / (time.perf_counter() - start)
-        timing.count_images(len(images))  # every rank's slice
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-        if rank != 0:
-            return None
-    meta = {
-        "inputs": inputs,
-        "feature_dim": math.prod(shape),
-        "shape": list(shape),  # of one image's features or activations
-        "trainable_layers": section.trainable_layers,
-        "backbone_params": count_params(extractor),  # the frozen part's
-        "image_size": section.image_size,
-        "weights": section.weights,
-    }
-    write_json(paths.features_meta(name), meta)
-    metrics = {
-        # Every pass over the splits: the report's cost of the frozen backbone.
-        "seconds": round(time.perf_counter() - begun, 2),
-        "images_per_second": {s: round(v, 1) for s, v in timings.items()},
-        "device": str(device) if world == 1 else f"{world} x {device.type}",
-        "precision": DTYPE_NAMES[featurize_dtype(device)],
-    }
-    write_json(paths.featurize_metrics(name), metrics)
+        begun = time.perf_counter()  # the passes only: not a first download of the weights
+        timings = {}
+        for out_name, split, flip in jobs:
+            images = splits[split]
+            path = paths.features_file(name, out_name)
+            parts = [path.with_name(f"{path.stem}.part{r}.npy") for r in range(world)]
+            mine = slice(rank * len(images) // world, (rank + 1) * len(images) // world)
+            start = time.perf_counter()
+            featurize(
+                extractor,
+                images[mine],
+                parts[rank] if world > 1 else path,
+                math.prod(shape),
+                device,
+                desc=f"{name} {out_name}",
+                flip=flip,
+            )
+            if world > 1:
+                dist.barrier()
+                if rank == 0:
+                    _concatenate(parts, path)
+            timings[out_name] = len(images) / (time.perf_counter() - start)
+            timing.count_images(len(images))  # every rank's slice
+        if world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+            if rank != 0:
+                return None
+        meta = {
+            "inputs": inputs,
+            "feature_dim": math.prod(shape),
+            "shape": list(shape),  # of one image's features or activations
+            "trainable_layers": section.trainable_layers,
+            "backbone_params": count_params(extractor),  # the frozen part's
+            "image_size": section.image_size,
+            "weights": section.weights,
+        }
+        write_json(paths.features_meta(name), meta)
+        metrics = {
+            # Every pass over the splits: the report's cost of the frozen backbone.
+            "seconds": round(time.perf_counter() - begun, 2),
+            "images_per_second": {s: round(v, 1) for s, v in timings.items()},
+            "device": str(device) if world == 1 else f"{world} x {device.type}",
+            "precision": DTYPE_NAMES[featurize_dtype(device)],
+        }
+        write_json(paths.featurize_metrics(name), metrics)
     return metrics

@@ -3,9 +3,17 @@
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 from transfer_study.core.stage import stop_if_signalled
+
+
+def _temporary(path):
+    """This process's temporary name beside `path`: hidden, and found by its `.tmp` (tests look
+    for leftovers with it). The suffix stays, so that libraries that look at it (np.save,
+    savefig) keep working."""
+    return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
 
 
 @contextlib.contextmanager
@@ -13,8 +21,7 @@ def atomic_path(path):
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Keep the suffix so that libraries that look at it (np.save, savefig) keep working.
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    tmp = _temporary(path)
     try:
         yield tmp
         stop_if_signalled()  # a stop signal lost on its way out still keeps this output out
@@ -29,6 +36,44 @@ def atomic_paths(*paths):
     block writes them all."""
     with contextlib.ExitStack() as stack:
         yield [stack.enter_context(atomic_path(path)) for path in paths]
+
+
+class Rewritten:
+    """A folder rewritten in place as one set, where its readers look while it is written
+    (dvc exp show follows DVCLive's folder during training): `begin` moves the old folder aside;
+    a block run with the object as context manager then drops it if it succeeds, or puts it
+    back byte for byte if it fails (an exception, SIGINT, SIGTERM), removing what was written
+    since. The block calls `begin` (only the process that writes the folder does: one rank, or
+    the training process Lightning spawns). A process killed with SIGKILL runs no cleanup: the
+    old folder is then left beside as .<name>.tmp<pid>, to rename back by hand."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        # Named by the process that makes the object, which ends the block, whoever begins.
+        self.aside = _temporary(self.folder)
+
+    def begin(self):
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        if self.folder.exists():
+            os.replace(self.folder, self.aside)
+        else:
+            self.aside.mkdir()  # an empty folder aside: there was none (or an empty one)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if not self.aside.exists():  # not begun: nothing of the folder was touched
+            return
+        if kind is None:
+            shutil.rmtree(self.aside)
+            return
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        if any(self.aside.iterdir()):
+            os.replace(self.aside, self.folder)
+        else:
+            self.aside.rmdir()
 
 
 def json_text(data):

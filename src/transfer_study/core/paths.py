@@ -22,12 +22,17 @@ def split_file(split):
     return SPLIT_DIR / f"{split}.npz"
 
 
+def features_dir(model):
+    """featurize_<model>'s cache: one set, rewritten whole."""
+    return FEATURES_DIR / model
+
+
 def features_file(model, split):
-    return FEATURES_DIR / model / f"{split}.npy"
+    return features_dir(model) / f"{split}.npy"
 
 
 def features_meta(model):
-    return FEATURES_DIR / model / "meta.json"
+    return features_dir(model) / "meta.json"
 
 
 def featurize_metrics(model):

@@ -2,7 +2,6 @@
 
 import dataclasses
 import io
-import shutil
 import time
 import warnings
 
@@ -38,7 +37,12 @@ from transfer_study.train.live import LiveProgress, progress_bar_callbacks
 from transfer_study.train.loaders import InMemoryData, data_device, trains_on_gpu
 from transfer_study.train.module import Classifier
 from transfer_study.train.optim import param_groups
-from transfer_study.train.resume import checkpoint_folder, epoch_history, run_key_of
+from transfer_study.train.resume import (
+    checkpoint_folder,
+    epoch_history,
+    kept_while_resumable,
+    run_key_of,
+)
 from transfer_study.train.stop import StopOnSignal
 
 MIN_EPOCH_IMAGES = 4096  # images an epoch passes over at the least, with train.per_class
@@ -94,7 +98,8 @@ def train_model(name, params, callbacks=()):
     """Fit model `name`; write its model file, metrics and history. Returns the metrics.
 
     Checkpoints go to checkpoints/<name> while it trains; with train.resume, a run of the same
-    configuration on the same inputs that was interrupted continues from its last epoch.
+    configuration on the same inputs that was interrupted continues from its last epoch. A run
+    that fails leaves the previous run's outputs as they were.
     `callbacks`: extra Lightning callbacks.
     """
     section = params.model(name)
@@ -153,64 +158,68 @@ def train_model(name, params, callbacks=()):
     logs = sorted(checkpoints.glob("logs/version_*/metrics.csv"))
     live = LiveProgress(name, epoch_history(logs) if resume_from and logs else None)
     trainer, best = _trainer(train, checkpoints, [live, *callbacks])
-    started = time.perf_counter()
-    try:
-        trainer.fit(module, datamodule=data, ckpt_path=resume_from)
-    except SystemExit:
-        # Lightning turns Ctrl+C (and SIGTERM, which the stage maps to it) into sys.exit(1):
-        # an interruption is one, for the stage's exit status 130 and its one line.
-        if trainer.interrupted:
-            raise KeyboardInterrupt from None
-        raise
-    seconds = time.perf_counter() - started
-    if not trainer.is_global_zero:  # rank 0 writes the outputs
-        return None
-    history = epoch_history(sorted(checkpoints.glob("logs/version_*/metrics.csv")))
-    if not np.isfinite(history["val_loss"]).any():  # inf too: no epoch to keep
-        raise UserError(f"{name}: val_loss was never finite; lower {name}.train.lr")
-    try:
-        state = load_tensors(best.best_model_path)
-    except UnreadableTensors as error:
-        raise UserError(f"{name}: its best checkpoint {best.best_model_path}: {error}") from None
-    module.load_state_dict(state["state_dict"])
+    # A failed run leaves the previous run's outputs as they were: the model, history and
+    # metrics are renamed into place last, together; DVCLive's folder is put back.
+    with live.previous, kept_while_resumable(checkpoints, trainer):
+        started = time.perf_counter()
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+        except SystemExit:
+            # Lightning turns Ctrl+C (and SIGTERM, which the stage maps to it) into sys.exit(1):
+            # an interruption is one, for the stage's exit status 130 and its one line.
+            if trainer.interrupted:
+                raise KeyboardInterrupt from None
+            raise
+        seconds = time.perf_counter() - started
+        if not trainer.is_global_zero:  # rank 0 writes the outputs
+            return None
+        history = epoch_history(sorted(checkpoints.glob("logs/version_*/metrics.csv")))
+        if not np.isfinite(history["val_loss"]).any():  # inf too: no epoch to keep
+            raise UserError(f"{name}: val_loss was never finite; lower {name}.train.lr")
+        try:
+            state = load_tensors(best.best_model_path)
+        except UnreadableTensors as error:
+            raise UserError(
+                f"{name}: its best checkpoint {best.best_model_path}: {error}"
+            ) from None
+        module.load_state_dict(state["state_dict"])
 
-    config = {
-        "name": name,
-        "section": dataclasses.asdict(section),
-        "classes": list(classes),
-        "data": stats,
-        "feature_dim": feature_dim,
-        "inputs": inputs,
-        "activation_shape": cut.get("activation_shape"),
-        "seed": params.seed,
-    }
-    kept = history.loc[history["val_loss"].idxmin()]  # the epoch ModelCheckpoint kept
-    metrics = {
-        "kept_val_loss": float(kept["val_loss"]),
-        "kept_val_accuracy": float(kept["val_acc"]),
-        "kept_epoch": int(kept["epoch"]),
-        "epochs": len(history),
-        "train_seconds": round(seconds, 2),
-        "resumed": resume_from is not None,
-        "trainable_params": count_params(net, trainable_only=True),
-        "total_params": count_params(net) + feature_meta.get("backbone_params", 0),
-        "lr": train.lr,
-        "optimizer": train.optimizer,
-        "batch_size": batch_size,
-        "train_images": len(labeled),  # labeled: train.per_class of each class, or the split
-        "per_class": train.per_class,
-        "precision": resolve_precision(train),
-        "device": _device_name(trainer),
-        "versions": {
-            "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
-            "lightning": pl.__version__,
-        },
-    }
-    _write_outputs(name, module.net, config, history, metrics)
-    live.finish(kept, len(history), seconds)
-    shutil.rmtree(checkpoints)  # finished: nothing left to resume
-    return metrics
+        config = {
+            "name": name,
+            "section": dataclasses.asdict(section),
+            "classes": list(classes),
+            "data": stats,
+            "feature_dim": feature_dim,
+            "inputs": inputs,
+            "activation_shape": cut.get("activation_shape"),
+            "seed": params.seed,
+        }
+        kept = history.loc[history["val_loss"].idxmin()]  # the epoch ModelCheckpoint kept
+        metrics = {
+            "kept_val_loss": float(kept["val_loss"]),
+            "kept_val_accuracy": float(kept["val_acc"]),
+            "kept_epoch": int(kept["epoch"]),
+            "epochs": len(history),
+            "train_seconds": round(seconds, 2),
+            "resumed": resume_from is not None,
+            "trainable_params": count_params(net, trainable_only=True),
+            "total_params": count_params(net) + feature_meta.get("backbone_params", 0),
+            "lr": train.lr,
+            "optimizer": train.optimizer,
+            "batch_size": batch_size,
+            "train_images": len(labeled),  # labeled: train.per_class of each class, or the split
+            "per_class": train.per_class,
+            "precision": resolve_precision(train),
+            "device": _device_name(trainer),
+            "versions": {
+                "torch": torch.__version__,
+                "torchvision": torchvision.__version__,
+                "lightning": pl.__version__,
+            },
+        }
+        live.finish(kept, len(history), seconds)
+        _write_outputs(name, module.net, config, history, metrics)
+        return metrics
 
 
 def _trainer(train, checkpoints, callbacks):

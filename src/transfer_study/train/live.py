@@ -10,7 +10,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from tqdm import tqdm
 
 from transfer_study.core import paths
-from transfer_study.core.atomic import write_json
+from transfer_study.core.atomic import Rewritten, write_json
 from transfer_study.core.progress import bars
 
 LOGGED = {
@@ -64,6 +64,10 @@ class LiveProgress(pl.Callback):
     shows as lines (a log file, CI, a batch job: core.progress), each epoch also gets one line
     on stderr.
 
+    The previous run's folder is set aside while training writes in its place (where dvc exp
+    show and VS Code look): `previous`, the context manager around train_model's run, puts it
+    back if the run fails, or drops it once the outputs are written.
+
     `earlier`: the history of an interrupted run being resumed, logged again first, since DVC
     empties the folder before the stage runs.
     """
@@ -71,12 +75,14 @@ class LiveProgress(pl.Callback):
     def __init__(self, name, earlier=None):
         self.name = name
         self.earlier = earlier
+        self.previous = Rewritten(paths.live_dir(name))
         self.live = None
         self.epoch_start = None
 
     def on_train_start(self, trainer, module):
         if not trainer.is_global_zero:  # one writer under DDP
             return
+        self.previous.begin()
         try:
             # dvcyaml=False: dvc.yaml declares this folder itself and must never be rewritten.
             folder = str(paths.live_dir(self.name))

@@ -1,5 +1,6 @@
 """Checkpoints of an unfinished run: its fingerprint, whether to resume, the epoch history."""
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -44,6 +45,28 @@ def checkpoint_folder(name, run_key, resume):
     folder.mkdir(parents=True)
     key_file.write_text(run_key)
     return folder, None
+
+
+@contextlib.contextmanager
+def kept_while_resumable(folder, trainer):
+    """Training and its outputs in the block. The checkpoint folder is removed when the block
+    ends, unless training stopped before its end (an exception, SIGINT, SIGTERM) with an epoch
+    that train.resume continues from (last.ckpt). A run refused after training finished (its
+    val loss never finite) would end the same way resumed. The first process removes it: it
+    prepared the folder."""
+    try:
+        yield
+    except BaseException:
+        if not trainer.state.finished and (folder / "last.ckpt").is_file():
+            raise
+        _remove(folder)
+        raise
+    _remove(folder)
+
+
+def _remove(folder):
+    if is_first_process() and folder.exists():
+        shutil.rmtree(folder)
 
 
 def _read_key(path):
