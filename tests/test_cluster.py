@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -85,7 +86,8 @@ def two_nodes(tmp_path_factory):
     base["TRANSFER_STUDY_TIMINGS"] = str(timings)
     started = []
 
-    def start(project, *node_envs, code=REPO, seconds=150):
+    def start(project, *node_envs, code=REPO, seconds=150, stop=None):
+        """`stop`: (text, signal), sent to the first process once its output shows text."""
         for rank, env in enumerate(node_envs):
             env = {**base, **env, "WRITES_LOG": str(logs / f"writes{rank}.log")}
             env["PYTHONPATH"] = f"{logs}{os.pathsep}{code}/src"
@@ -99,6 +101,14 @@ def two_nodes(tmp_path_factory):
                     start_new_session=True,  # a group of its own, killed whole
                 )
             started.append(process)
+        if stop is not None:
+            text, signum = stop
+            deadline = time.monotonic() + seconds
+            while text not in (logs / "output0.txt").read_text():
+                assert started[0].poll() is None, (logs / "output0.txt").read_text()[-3000:]
+                assert time.monotonic() < deadline, f"no {text!r} in {seconds} s"
+                time.sleep(0.05)
+            started[0].send_signal(signum)
         results = []
         for rank, process in enumerate(started):
             status = process.wait(timeout=seconds)
@@ -106,8 +116,8 @@ def two_nodes(tmp_path_factory):
             writes = (logs / f"writes{rank}.log").read_text().splitlines()
             inside = [w for w in writes if w.split(" ", 1)[1].startswith(f"{project}{os.sep}")]
             results.append((status, text, inside))
-        records = [json.loads(line) for line in timings.read_text().splitlines()]
-        return results, records
+        lines = timings.read_text().splitlines() if timings.exists() else []
+        return results, [json.loads(line) for line in lines]
 
     yield start
     for process in started:
@@ -189,3 +199,33 @@ def test_two_nodes_under_slurm_then_dvc_commit(tmp_path, two_nodes):
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["train_mlp"]
     assert lock["params"]["params.yaml"]["train"]["num_nodes"] == 2  # the params it ran with
     assert {out["path"] for out in lock["outs"]} >= {"models/mlp.pt", "metrics/train_mlp.json"}
+
+
+@pytest.mark.parametrize("alone", [0, 1])
+def test_a_node_without_its_peer_waits_a_bounded_time(workdir, archive, two_nodes, alone):
+    # Only one of the two nodes is started: node 0 waits for node 1 to join it, node 1 for node
+    # 0 to listen; each gives up after train.rendezvous_timeout.
+    bounded = deep_merge(TWO_NODES, {"train": {"rendezvous_timeout": 3}})
+    write_params(workdir / "params.yaml", deep_merge(tiny_overrides(archive), bounded))
+    port = free_port()
+    node = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(alone)}
+    [(status, output, writes)], _ = two_nodes(workdir, node, seconds=60)
+    whom = "the other 1 of 2 processes to join it" if alone == 0 else "process 0 (node 0)"
+    assert status == 2, output[-3000:]
+    assert output.strip().splitlines()[-1] == (
+        f"error: process {alone} (node {alone} of train.num_nodes = 2) waited 3 s "
+        f"(train.rendezvous_timeout) for {whom} at MASTER_ADDR=127.0.0.1 MASTER_PORT={port}: "
+        "start every node with that address and port, or raise train.rendezvous_timeout"
+    )
+    assert writes == [] and not (workdir / paths.checkpoint_dir("mlp")).exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_wait_for_a_peer(workdir, archive, two_nodes, signum):
+    write_params(workdir / "params.yaml", deep_merge(tiny_overrides(archive), TWO_NODES))
+    node = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "NODE_RANK": "0"}
+    waiting = ("MEMBER: 1/2", signum)  # Lightning's line as the rendezvous starts
+    [(status, output, writes)], _ = two_nodes(workdir, node, seconds=60, stop=waiting)
+    # Ended by the signal's default action, at once: a shell reports 128 + the signal's number.
+    assert status == -signum, output[-3000:]
+    assert writes == [] and not (workdir / paths.checkpoint_dir("mlp")).exists()

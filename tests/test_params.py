@@ -140,8 +140,8 @@ def alias_bomb(levels=12):
 LRR = (
     "error: unknown key 'train.lrr' (valid: optimizer, lr, momentum, weight_decay, l1, "
     "scheduler, gamma, warmup_epochs, label_smoothing, per_class, batch_size, max_epochs, "
-    "patience, min_delta, hflip, crop, accelerator, devices, num_nodes, strategy, precision, "
-    "compile, deterministic, resume)"
+    "patience, min_delta, hflip, crop, accelerator, devices, num_nodes, rendezvous_timeout, "
+    "strategy, precision, compile, deterministic, resume)"
 )
 
 

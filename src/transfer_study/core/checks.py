@@ -39,6 +39,7 @@ MLP_MIN_SIZE = 4  # pixels; a backbone's smallest input is its registry entry's 
 MLP_MAX_SIZE = 256  # pixels: 3 x 256 x 256 inputs already make a 50M-weight first layer
 MAX_IMAGE_SIZE = 1024  # pixels, for stored and backbone images: 4x ImageNet's usual input
 MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed range
+MAX_RENDEZVOUS_SECONDS = 86_400  # a day: longer is a hang by another name
 DEFAULT_DATA_PATH = "data/images"
 COMMON_KEYS = ("seed", "models", "data", "train", "evaluate")
 
@@ -150,6 +151,12 @@ def check_train(train, where):
     ):
         value = getattr(train, name)
         _check(value >= low, f"{where}.{name}", value, f"an integer >= {low}")
+    _check(
+        0 < train.rendezvous_timeout <= MAX_RENDEZVOUS_SECONDS,
+        f"{where}.rendezvous_timeout",
+        train.rendezvous_timeout,
+        f"a number of seconds > 0 and at most {MAX_RENDEZVOUS_SECONDS:,} (a day)",
+    )
     _check(
         train.per_class is None or train.per_class >= 1,
         f"{where}.per_class",

@@ -55,6 +55,9 @@ class TrainParams:
     accelerator: str
     devices: int  # per node
     num_nodes: int
+    # Seconds each process of a distributed run waits for the others to join, at the start (and
+    # at any later collective step of training)
+    rendezvous_timeout: float
     strategy: str
     precision: str
     compile: bool  # torch.compile the network (measured: docs/performance.md)
@@ -321,8 +324,16 @@ def parse_section(name, raw):
 
 
 # Keys added since model files were first written, with the value that matches a model saved
-# before them (no warm-up, no smoothing, every train image, a plain MLP): such a file still loads.
-ADDED_KEYS = {"train": {"warmup_epochs": 0, "label_smoothing": 0.0, "per_class": None}}
+# before them (no warm-up, no smoothing, every train image, torch's default process-group timeout
+# of 30 minutes, a plain MLP): such a file still loads.
+ADDED_KEYS = {
+    "train": {
+        "warmup_epochs": 0,
+        "label_smoothing": 0.0,
+        "per_class": None,
+        "rendezvous_timeout": 1800.0,
+    }
+}
 ADDED_MLP_KEYS = {"norm": "none", "residual": False}
 
 

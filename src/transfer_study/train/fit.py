@@ -37,6 +37,7 @@ from transfer_study.train.live import LiveProgress, progress_bar_callbacks
 from transfer_study.train.loaders import InMemoryData, data_device, trains_on_gpu
 from transfer_study.train.module import Classifier
 from transfer_study.train.optim import param_groups
+from transfer_study.train.rendezvous import BoundedDDP
 from transfer_study.train.resume import (
     checkpoint_folder,
     epoch_history,
@@ -154,13 +155,15 @@ def train_model(name, params, callbacks=()):
     data = InMemoryData(train_split, (val_x, val_y), batch_size, params.seed, pin, device)
 
     run_key = run_key_of(section, params.seed, (*train_split, val_x, val_y))
-    checkpoints, resume_from = checkpoint_folder(name, run_key, train.resume)
+    checkpoints, resume_from, start_over = checkpoint_folder(name, run_key, train.resume)
     logs = sorted(checkpoints.glob("logs/version_*/metrics.csv"))
     live = LiveProgress(name, epoch_history(logs) if resume_from and logs else None)
-    trainer, best = _trainer(train, checkpoints, [live, *callbacks])
+    trainer, best = _trainer(train, checkpoints, start_over, [live, *callbacks])
     # A failed run leaves the previous run's outputs as they were: the model, history and
     # metrics are renamed into place last, together; DVCLive's folder is put back.
     with live.previous, kept_while_resumable(checkpoints, trainer):
+        if start_over is not None and not isinstance(trainer.strategy, BoundedDDP):
+            start_over()  # alone: no peers to wait for
         started = time.perf_counter()
         try:
             trainer.fit(module, datamodule=data, ckpt_path=resume_from)
@@ -222,8 +225,18 @@ def train_model(name, params, callbacks=()):
         return metrics
 
 
-def _trainer(train, checkpoints, callbacks):
-    """(Lightning Trainer, its ModelCheckpoint): early stopping and the kept epoch on val loss."""
+def _strategy(train, prepare):
+    """Lightning's strategy: alone, its own; over several processes, DDP whose rank 0 runs
+    `prepare` once all have joined, within train.rendezvous_timeout."""
+    if train.strategy == "auto" and train.devices * train.num_nodes == 1:
+        return "auto"
+    start_method = "spawn" if train.strategy == "ddp_spawn" else "popen"  # Lightning's names
+    return BoundedDDP(train.rendezvous_timeout, prepare, start_method)
+
+
+def _trainer(train, checkpoints, prepare, callbacks):
+    """(Lightning Trainer, its ModelCheckpoint): early stopping and the kept epoch on val loss.
+    `prepare`: what empties the checkpoint folder for a fresh run (None when resuming)."""
     # Saved at the end of each epoch, so that a resumed run starts the next epoch (a checkpoint
     # saved at validation end would make it replay the epoch).
     best = ModelCheckpoint(
@@ -242,7 +255,7 @@ def _trainer(train, checkpoints, callbacks):
         accelerator=train.accelerator,
         devices=train.devices,
         num_nodes=train.num_nodes,
-        strategy=train.strategy,
+        strategy=_strategy(train, prepare),
         use_distributed_sampler=False,  # InMemoryData shards by rank itself
         precision=resolve_precision(train),
         deterministic=train.deterministic,

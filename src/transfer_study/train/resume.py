@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import shutil
@@ -26,25 +27,31 @@ def run_key_of(section, seed, arrays):
 
 
 def checkpoint_folder(name, run_key, resume):
-    """(checkpoint folder, checkpoint to resume from or None). A fresh run empties the folder."""
+    """(checkpoint folder, checkpoint to resume from or None, and for a fresh run the function
+    that empties the folder for it, else None). Only reads: rank 0 of a fresh run calls that
+    function once every process has joined (rendezvous.py), so that a run whose peers never
+    come writes nothing."""
     folder = paths.checkpoint_dir(name)
     key_file, last = folder / "run_key", folder / "last.ckpt"
     same_run = resume and last.is_file() and _read_key(key_file) == run_key
     if same_run and _resumable(last):
         print(f"{name}: resuming from {last}", file=sys.stderr)
-        return folder, str(last)
-    if not is_first_process():
-        # Another DDP process: the one that becomes rank 0 prepares the folder, and emptying it
-        # now would delete what rank 0 writes there.
-        return folder, None
+        return folder, str(last), None
+    note = None
     if same_run:
-        print(f"{name}: {last} is damaged or not a checkpoint; starting over", file=sys.stderr)
+        note = f"{name}: {last} is damaged or not a checkpoint; starting over"
     elif resume and last.exists():
-        print(f"{name}: {last} is from another configuration; starting over", file=sys.stderr)
+        note = f"{name}: {last} is from another configuration; starting over"
+    return folder, None, functools.partial(_start_over, folder, run_key, note)
+
+
+def _start_over(folder, run_key, note):
+    """Empty the checkpoint folder for a fresh run, keyed by its run key."""
+    if note:
+        print(note, file=sys.stderr)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    key_file.write_text(run_key)
-    return folder, None
+    (folder / "run_key").write_text(run_key)
 
 
 @contextlib.contextmanager
