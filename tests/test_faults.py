@@ -486,3 +486,44 @@ def test_a_stage_whose_dvc_parent_dies_stops_and_writes_nothing(workdir, archive
         time.sleep(0.1)
     assert not any(output.exists() for output in train_outputs("mlp"))
     assert leftovers(workdir) == []
+
+
+CRASHING_RUN = """
+import pytorch_lightning as pl
+from transfer_study.core.config import load_params
+from transfer_study.core.stage import exit_on_user_error
+from transfer_study.train.fit import train_model
+
+class Crash(pl.Callback):
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        raise RuntimeError("crashed")
+
+exit_on_user_error(train_model)("mlp", load_params(), callbacks=[Crash()])
+"""
+
+
+def test_a_crash_in_training_ends_with_its_traceback_alone(study):
+    """Under DVC, DVCLive holds git objects whose finalizers import; a crash's traceback kept
+    them alive to the interpreter's last moments, where each printed "ImportError: sys.meta_path
+    is None" after the traceback."""
+    write_params(study.root / "params.yaml", tiny_overrides(study.archive))
+    env = {**os.environ, "PYTHONPATH": f"{REPO}/src", "DVC_NO_ANALYTICS": "1"}
+    env["DVC_STAGE"] = "train_mlp"  # as DVC starts it
+    for command in (
+        ["git", "init", "-q"],
+        [sys.executable, "-m", "dvc", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "study"],
+        ["git", "gc", "-q"],  # objects in a pack, as in any clone: dulwich's Pack objects
+    ):
+        subprocess.run(command, cwd=study.root, env=env, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", CRASHING_RUN],
+        cwd=study.root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr.rstrip().endswith("RuntimeError: crashed"), result.stderr[-3000:]
+    assert "Exception ignored" not in result.stderr

@@ -1,7 +1,9 @@
 """User-facing errors: one line that names the problem and the fix, no traceback."""
 
+import atexit
 import errno
 import functools
+import gc
 import os
 import signal
 import sys
@@ -119,6 +121,18 @@ def _stop_when_orphaned():
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+@atexit.register
+def _finalize_while_python_can():
+    """Free what a failed run left behind, before Python tears its modules down. An uncaught
+    exception's traceback (kept in sys.last_*) holds the run's frames, and with them DVCLive's
+    git objects (dulwich), whose finalizers import: run at the very end, they would each print
+    "ImportError: sys.meta_path is None" after the traceback."""
+    for name in ("last_exc", "last_type", "last_value", "last_traceback"):
+        if hasattr(sys, name):
+            setattr(sys, name, None)
+    gc.collect()
 
 
 def exit_on_user_error(main):
