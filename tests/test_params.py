@@ -58,6 +58,7 @@ def test_model_train_section_overrides_only_that_model():
         ({"vgg16": {"head": {"widths": [3]}}}, "unknown key 'vgg16.head.widths'"),
         ({"resnet": {}}, "unknown key 'resnet'"),
         ({"train": {"lr": 0}}, "train.lr = 0.0: accepts a number > 0"),
+        ({"train": {"lr": 1e38}}, "train.lr = 1e+38: accepts a number > 0, at most 1,000,000"),
         ({"train": {"lr": "fast"}}, "train.lr: expected a number, got 'fast'"),
         ({"train": {"batch_size": 12.5}}, "train.batch_size: expected an integer"),
         ({"train": {"optimizer": "lion"}}, "train.optimizer = 'lion': accepts one of adam"),

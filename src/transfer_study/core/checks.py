@@ -38,6 +38,9 @@ PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true")
 MLP_MIN_SIZE = 4  # pixels; a backbone's smallest input is its registry entry's (nn/backbones.py)
 MLP_MAX_SIZE = 256  # pixels: 3 x 256 x 256 inputs already make a 50M-weight first layer
 MAX_IMAGE_SIZE = 1024  # pixels, for stored and backbone images: 4x ImageNet's usual input
+# Far above any lr that trains; Adam's first step divides the lr by 0.1 in float32, so an lr
+# near 1e38 overflowed there with a traceback.
+MAX_LR = 1e6
 MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed range
 MAX_RENDEZVOUS_SECONDS = 86_400  # a day: longer is a hang by another name
 DEFAULT_DATA_PATH = "data/images"
@@ -129,7 +132,7 @@ def check_train(train, where):
     _one_of(f"{where}.accelerator", train.accelerator, ACCELERATORS)
     _one_of(f"{where}.precision", train.precision, PRECISIONS)
     _one_of(f"{where}.strategy", train.strategy, STRATEGIES)
-    _check(train.lr > 0, f"{where}.lr", train.lr, "a number > 0")
+    _check(0 < train.lr <= MAX_LR, f"{where}.lr", train.lr, f"a number > 0, at most {MAX_LR:,.0f}")
     _check(0 <= train.momentum < 1, f"{where}.momentum", train.momentum, "a number in [0, 1)")
     for name in ("weight_decay", "l1", "min_delta"):
         value = getattr(train, name)
