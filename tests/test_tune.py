@@ -189,13 +189,13 @@ def test_a_record_of_another_space_is_not_continued(project):
 
 
 # End to end: a search over VGG16's head in a copy of the reproduced tiny study (its results
-# committed), run as a user runs it: 2 trials, then a third interrupted like Ctrl+C in its
+# committed), run as a user runs it: 1 trial, then a second interrupted like Ctrl+C in its
 # terminal, then the same command again.
 E2E_SPACE = {
     "model": "vgg16",
-    "trials": 3,
+    "trials": 2,
     "seed": 0,
-    "startup_trials": 2,
+    "startup_trials": 1,
     "space": {"vgg16.train.lr": {"log": [1e-3, 1e-1]}, "vgg16.head.dropout": {"float": [0, 0.5]}},
 }
 
@@ -207,7 +207,7 @@ def searched(runs):
     (root / "search/head.yaml").write_text(yaml.safe_dump(E2E_SPACE))
     before = (root / "params.yaml").read_text()
     tune = [sys.executable, "-m", "transfer_study", "tune", "search/head.yaml"]
-    first = run(root, *tune, "--trials", "2")
+    first = run(root, *tune, "--trials", "1")
     env = {**os.environ, "PYTHONPATH": str(root / "src"), "DVC_NO_ANALYTICS": "1"}
     stopped = subprocess.Popen(
         tune,
@@ -219,7 +219,7 @@ def searched(runs):
         start_new_session=True,  # its own process group, as a terminal's job is
     )
     printed = []
-    for line in stopped.stdout:  # Ctrl+C once trial 3's training has started
+    for line in stopped.stdout:  # Ctrl+C once trial 2's training has started
         printed.append(line)
         if "Running stage 'train_vgg16'" in line:
             os.killpg(stopped.pid, signal.SIGINT)
@@ -263,7 +263,7 @@ def experiments_shown(shown):
 def test_each_trial_is_a_dvc_experiment_scored_on_val_accuracy(searched):
     trials = pd.read_csv(io.StringIO(searched["trials"]), index_col="trial")
     shown = experiments_shown(searched["shown"])
-    assert list(trials["experiment"]) == ["head-1", "head-2", "head-3"]
+    assert list(trials["experiment"]) == ["head-1", "head-2"]
     for _, trial in trials.iterrows():
         experiment = shown[trial["experiment"]]
         vgg16 = experiment["params"]["vgg16"]
@@ -296,7 +296,7 @@ def test_a_head_only_search_reruns_no_featurize_stage_and_leaves_the_workspace(s
             for stage in stages_run(output)
             if not stage.startswith(("train_", "evaluate", "report"))
         ]
-    assert stages_run(first).count("train_vgg16") == 2
+    assert stages_run(first).count("train_vgg16") == 1
     assert "train_mlp" not in stages_run(first)  # vgg16's own lr: the MLP is not retrained
     assert searched["params_after"] == searched["params_before"]
     # Only the search file is new; its results are git-ignored, and nothing else changed.
@@ -307,9 +307,9 @@ def test_an_interrupted_search_resumes_without_repeating_a_trial(searched):
     first, stopped, resumed = searched["outputs"]
     assert searched["stopped_status"] == 130
     assert "interrupted: finished trials are kept; run the same command to go on" in stopped
-    assert "=== trial 3/3" in stopped and "=== trial 1/" not in stopped
-    assert "trial 3 was interrupted: running it again" in resumed
-    assert "=== trial 1/" not in resumed and "=== trial 2/" not in resumed
+    assert "=== trial 2/2" in stopped and "=== trial 1/" not in stopped
+    assert "trial 2 was interrupted: running it again" in resumed
+    assert "=== trial 1/" not in resumed
     assert stages_run(resumed).count("train_vgg16") == 1
 
 
