@@ -63,6 +63,23 @@ def _flow(value):
     return json.dumps(value)
 
 
+def flat_params(tree, prefix=""):
+    """{"train.lr": 0.001, ...}: nested params under the dotted keys -S takes, down to each
+    value (a list, or an empty mapping such as `lite0.train: {}`, is one)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat |= flat_params(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def stage_definitions(dvc_yaml="dvc.yaml"):
+    """dvc.yaml's stages: name -> what the stage declares (cmd, deps, params, outs)."""
+    return yaml.safe_load(Path(dvc_yaml).read_text())["stages"]
+
+
 def experiment_names():
     """The names of HEAD's experiments (dvc exp list)."""
     command = [*DVC, "exp", "list", "--name-only"]
@@ -74,10 +91,9 @@ def copied_results():
     (cache: false), where git does not track them yet, as in a fresh clone. An experiment run
     in a copy (--queue, --temp) starts from git's view of the workspace: without them, every
     stage whose lock entry or output is missing, featurize included, would run again."""
-    stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"].values()
     uncached = [
         path
-        for stage in stages
+        for stage in stage_definitions().values()
         for out in stage.get("outs", [])
         if isinstance(out, dict)
         for path, options in out.items()

@@ -9,7 +9,7 @@ import pandas as pd
 
 from transfer_study import experiments
 from transfer_study.core import paths
-from transfer_study.experiments import copied_results, experiment_names, overrides
+from transfer_study.experiments import copied_results, experiment_names, flat_params, overrides
 
 # Seconds around each queued experiment's training: the DVC worker's start, the copy of the
 # project, each stage's imports (~4 s a training stage on 2 CPU cores: docs/performance.md).
@@ -151,7 +151,7 @@ def compare(*names):
         raise StudyError(f"no experiment named {', '.join(unknown)} (dvc exp list shows them)")
     table = pd.DataFrame([rows[name] for name in names]).set_index("Experiment")
     params = workspace_params()
-    changed = [key for key in _flat(params) if key in table and table[key].nunique() > 1]
+    changed = [key for key in flat_params(params) if key in table and table[key].nunique() > 1]
     models = in_study(params)
     accuracies = {  # exp_show's column: ours
         column: f"{name} {what}"
@@ -163,17 +163,6 @@ def compare(*names):
         if column in table
     }
     return table[changed + list(accuracies)].rename(columns=accuracies)
-
-
-def _flat(tree, prefix=""):
-    """{"train.lr": 0.001, ...} of nested params."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat |= _flat(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def grid_estimate(table, count):

@@ -9,12 +9,12 @@ from typing import Any, Literal
 import numpy as np
 import optuna
 import pydantic
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from transfer_study.core.checks import MAX_SEED, ParamsError, shown
 from transfer_study.core.config import deep_merge, parse_params, read_params
 from transfer_study.core.stage import UserError
+from transfer_study.experiments import flat_params, stage_definitions
 
 MAX_TRIALS = 10_000
 _KINDS = ("float", "log", "int", "choice")  # a space entry's kinds of values
@@ -101,7 +101,7 @@ class Search:
         self.settings = settings
         self.model = settings.model
         self.space = settings.space
-        self._existing = set(_flat(raw_params))
+        self._existing = set(flat_params(raw_params))
         self.reruns = _reruns(self, raw_params, stage_params)
 
     def distributions(self):
@@ -205,17 +205,9 @@ def _nested(key, value):
     return value
 
 
-def _flat(tree, prefix=""):
-    """The dotted keys of nested params."""
-    for key, value in tree.items():
-        yield f"{prefix}{key}"
-        if isinstance(value, dict):
-            yield from _flat(value, f"{prefix}{key}.")
-
-
 def _stage_params(dvc_yaml):
     """stage name -> the params keys dvc.yaml says it reads."""
-    stages = yaml.safe_load(Path(dvc_yaml).read_text())["stages"]
+    stages = stage_definitions(dvc_yaml)
     return {name: [str(key) for key in stage.get("params", [])] for name, stage in stages.items()}
 
 
