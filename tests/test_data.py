@@ -14,6 +14,7 @@ from conftest import CLASSES, write_cifar_archive
 from transfer_study.core import paths
 from transfer_study.core.atomic import write_json
 from transfer_study.core.stage import UserError, exit_on_user_error
+from transfer_study.data.readers import read_cifar10
 from transfer_study.data.splits import (
     load_split,
     make_splits,
@@ -22,7 +23,6 @@ from transfer_study.data.splits import (
     split_counts,
     stratified_sample,
 )
-from transfer_study.split import read_cifar10
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -181,7 +181,8 @@ def test_members_count_only_at_their_official_path_and_once(tmp_path):
 
 
 def test_a_member_far_larger_than_a_batch_is_refused_unread(tmp_path, monkeypatch):
-    monkeypatch.setattr("transfer_study.split.MAX_MEMBER_BYTES", 1000)  # the real bound is 64 MiB
+    # The real bound is 64 MiB.
+    monkeypatch.setattr("transfer_study.data.readers.MAX_MEMBER_BYTES", 1000)
     with pytest.raises(UserError, match=r"data_batch_1 holds [\d,]+ bytes; a CIFAR batch"):
         read_cifar10(write_cifar_archive(tmp_path / "a.tar.gz"))
 

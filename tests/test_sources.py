@@ -20,9 +20,9 @@ from PIL import Image
 from transfer_study.core.config import DataParams
 from transfer_study.core.stage import UserError
 from transfer_study.data.catalog import DATASETS
+from transfer_study.data.readers import read_cifar10, read_folder, read_mnist
 from transfer_study.data.splits import make_splits
 from transfer_study.download import download_dataset, fetch
-from transfer_study.split import read_cifar10, read_folder, read_mnist
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 

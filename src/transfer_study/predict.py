@@ -6,18 +6,18 @@ import numpy as np
 import torch
 
 from transfer_study.core import paths
+from transfer_study.data.readers import IMAGE_SUFFIXES, UNREADABLE_IMAGE, images_below, read_image
 from transfer_study.evaluate import predict_logits
 from transfer_study.featurize import frozen_part, prepare_extractor
 from transfer_study.nn.build import load_trained, saved_inputs
 from transfer_study.nn.device import default_device, featurize_dtype
-from transfer_study.split import IMAGE_SUFFIXES, UNREADABLE_IMAGE, images_below, read_image
 
 BATCH_SIZE = 64  # images decoded and classified together
 
 
 def image_files(targets):
     """(files to classify, [(path, why it is skipped)]): each path as given, a folder as the
-    image files below it, listed as a folder dataset's are (split.images_below)."""
+    image files below it, listed as a folder dataset's are (readers.images_below)."""
     files, problems = [], []
     for path in map(Path, targets):
         if path.is_dir():

@@ -24,6 +24,7 @@ from torch import nn
 
 from transfer_study.bench.arguments import at_least
 from transfer_study.core.stage import UserError, exit_on_user_error
+from transfer_study.data.readers import read_cifar10
 from transfer_study.featurize import prepare_extractor
 from transfer_study.nn.backbones import (
     backbone_spec,
@@ -32,7 +33,6 @@ from transfer_study.nn.backbones import (
     set_trainable_layers,
 )
 from transfer_study.nn.layers import frozen_modules, mlp
-from transfer_study.split import read_cifar10
 
 BATCH = 32  # images per optimizer step, params.yaml's train.batch_size
 HEAD = ((128, 64), 10, "leaky_relu", 0.3)  # params.yaml's default head, 10 classes

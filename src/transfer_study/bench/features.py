@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from transfer_study.core.stage import exit_on_user_error
+from transfer_study.data.readers import read_cifar10
 from transfer_study.data.splits import channel_stats
 from transfer_study.featurize import BATCH_SIZE, featurize, prepare_extractor
 from transfer_study.nn.backbones import backbone_spec, feature_extractor
@@ -32,7 +33,6 @@ from transfer_study.nn.device import (
     featurize_dtype,
 )
 from transfer_study.nn.layers import Preprocess, mlp
-from transfer_study.split import read_cifar10
 from transfer_study.train.loaders import make_loader
 
 EPOCHS = 6  # the studies' VGG16 run: six epochs

@@ -1,1 +1,1 @@
-"""The datasets params.yaml can name, and the split files every later stage reads."""
+"""The datasets params.yaml can name, their readers, and the split files every later stage reads."""

@@ -1,4 +1,4 @@
-"""The datasets params.yaml can name: each one's official files and md5s (readers: split.py)."""
+"""The datasets params.yaml can name: each one's official files and md5s (readers: readers.py)."""
 
 from dataclasses import dataclass
 
