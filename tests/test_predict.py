@@ -20,8 +20,9 @@ from transfer_study.core import paths
 from transfer_study.core.markers import skip_training
 from transfer_study.core.stage import UserError
 from transfer_study.data.splits import load_split
-from transfer_study.evaluate import evaluate_models, predict_logits
+from transfer_study.evaluate import evaluate_models
 from transfer_study.featurize import featurize_model
+from transfer_study.inference import predict_logits
 from transfer_study.nn.build import load_trained
 from transfer_study.predict import predict_files
 from transfer_study.train.fit import train_model

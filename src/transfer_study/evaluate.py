@@ -8,32 +8,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from transfer_study.core import paths, timing
+from transfer_study.core import paths
 from transfer_study.core.atomic import atomic_path, write_json
 from transfer_study.core.stage import UserError
+from transfer_study.inference import predict_logits
 from transfer_study.nn.build import load_inputs, load_trained, read_cache, saved_inputs
-from transfer_study.nn.device import autocast_dtype, default_device
 
-BATCH_SIZE = 256  # images or feature rows per forward pass
 PREDICTION_COLUMNS = ["actual", "predicted", "confidence"]  # predictions/<model>.csv
-
-
-@torch.inference_mode()
-def predict_logits(net, inputs, device=None, batch_size=BATCH_SIZE):
-    """float32 logits (N x classes) for inputs (uint8 images or fp16 features), batched."""
-    device = device or default_device()
-    net = net.to(device).eval()
-    dtype = autocast_dtype(device)
-    chunks = []
-    timing.work_starts()
-    for first in range(0, len(inputs), batch_size):
-        batch = torch.as_tensor(inputs[first : first + batch_size]).to(device)
-        timing.count_images(len(batch))
-        if batch.dtype == torch.float16:
-            batch = batch.float()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            chunks.append(net(batch).float().cpu())
-    return torch.cat(chunks)
 
 
 def score(logits, labels, classes):

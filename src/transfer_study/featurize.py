@@ -8,7 +8,6 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from transfer_study.core import paths, timing
 from transfer_study.core.atomic import Rewritten, atomic_path, write_json
@@ -16,7 +15,8 @@ from transfer_study.core.config import cached_inputs
 from transfer_study.core.progress import bars, progress
 from transfer_study.core.stage import UserError, launcher_variable, stop_if_signalled
 from transfer_study.data.splits import SPLITS, load_split
-from transfer_study.nn.backbones import count_params, cut_below_trainable, feature_extractor
+from transfer_study.inference import frozen_outputs, frozen_part, prepare_extractor
+from transfer_study.nn.backbones import count_params
 from transfer_study.nn.device import (
     DTYPE_NAMES,
     default_device,
@@ -28,22 +28,6 @@ from transfer_study.nn.device import (
 # GPU batches aim to fill the device (VGG16 at 224 px in bf16 takes ~6 GiB for 256 images) and
 # halve on out-of-memory.
 BATCH_SIZE = {"cpu": 32, "cuda": 512}
-
-
-def prepare_extractor(extractor, device):
-    """Eval mode (dropout off, batch norm frozen), no gradients, channels_last on the device."""
-    extractor.eval().requires_grad_(False)
-    return extractor.to(device, memory_format=torch.channels_last)
-
-
-def frozen_part(name, section, inputs):
-    """uint8 images -> what the cache of `inputs` holds: the features of the whole frozen
-    backbone ("features"), or its activations at the cut below the trainable blocks."""
-    extractor = feature_extractor(name, section.weights, section.image_size)
-    if inputs == "activations":
-        below, _ = cut_below_trainable(name, extractor[1], section.trainable_layers)
-        extractor = nn.Sequential(extractor[0], below)
-    return extractor
 
 
 def _write_header(file, rows, feature_dim):
@@ -87,8 +71,7 @@ def featurize(
                 batch = batch.flip(-1)
             batch = batch.contiguous(memory_format=torch.channels_last)
             try:
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    features = extractor(batch)
+                features = frozen_outputs(extractor, batch, device, dtype)
             except torch.cuda.OutOfMemoryError:
                 if batch_size == 1:
                     raise UserError(f"{desc}: out of GPU memory even one image at a time") from None
@@ -97,7 +80,7 @@ def featurize(
                 message = f"{desc}: CUDA out of memory, retrying with batches of {batch_size}"
                 bar.write(message, file=sys.stderr)
                 continue
-            out.write(features.flatten(1).to(torch.float16).cpu().numpy().tobytes())
+            out.write(features.cpu().numpy().tobytes())
             first += len(batch)
             bar.update(len(batch))
     return len(images) / (time.perf_counter() - start)

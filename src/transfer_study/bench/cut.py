@@ -25,7 +25,7 @@ from torch import nn
 from transfer_study.bench.arguments import at_least
 from transfer_study.core.stage import UserError, exit_on_user_error
 from transfer_study.data.readers import read_cifar10
-from transfer_study.featurize import prepare_extractor
+from transfer_study.inference import prepare_extractor
 from transfer_study.nn.backbones import (
     backbone_spec,
     cut_below_trainable,

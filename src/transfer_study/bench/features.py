@@ -24,7 +24,8 @@ from torchvision import transforms
 from transfer_study.core.stage import exit_on_user_error
 from transfer_study.data.readers import read_cifar10
 from transfer_study.data.splits import channel_stats
-from transfer_study.featurize import BATCH_SIZE, featurize, prepare_extractor
+from transfer_study.featurize import BATCH_SIZE, featurize
+from transfer_study.inference import prepare_extractor
 from transfer_study.nn.backbones import backbone_spec, feature_extractor
 from transfer_study.nn.device import (
     DTYPE_NAMES,
