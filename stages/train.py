@@ -2,8 +2,9 @@
 
 import sys
 
-from transfer_study.core.config import load_params, stage_model
+from transfer_study.core.config import load_params
 from transfer_study.core.markers import skip_training
+from transfer_study.core.pipeline import stage_model
 from transfer_study.core.stage import exit_on_user_error
 
 

@@ -6,11 +6,16 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 
-from transfer_study.core.checks import ParamsError
-from transfer_study.core.config import load_params, read_params
-from transfer_study.core.stage import RANK_VARIABLES, SIZE_VARIABLES, exit_on_user_error
+from transfer_study.core.config import load_params
+from transfer_study.core.params_file import read_params
+from transfer_study.core.stage import (
+    RANK_VARIABLES,
+    SIZE_VARIABLES,
+    ParamsError,
+    exit_on_user_error,
+)
 
 PARAMS = f"{REPO}/params.yaml"
 

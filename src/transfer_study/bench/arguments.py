@@ -2,7 +2,7 @@
 
 import argparse
 
-from transfer_study.core.checks import shown
+from transfer_study.core.stage import shown
 
 
 def at_least(low):

@@ -21,15 +21,10 @@ from pathlib import Path
 import yaml
 
 from transfer_study.core import paths, timing
-from transfer_study.core.checks import shown
-from transfer_study.core.config import (
-    check_stages,
-    deep_merge,
-    parse_params,
-    read_params,
-    yaml_problem,
-)
-from transfer_study.core.stage import UserError, exit_on_user_error
+from transfer_study.core.config import parse_params
+from transfer_study.core.params_file import deep_merge, read_params, yaml_problem
+from transfer_study.core.pipeline import check_stages
+from transfer_study.core.stage import UserError, exit_on_user_error, shown
 
 COLUMNS = ("stage", "wall s", "fixed s", "work s", "images/s")
 

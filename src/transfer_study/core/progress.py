@@ -6,8 +6,7 @@ import time
 
 from tqdm import tqdm
 
-from transfer_study.core.checks import shown
-from transfer_study.core.stage import UserError
+from transfer_study.core.stage import UserError, shown
 
 # bar: bars redrawn in place (a terminal; a notebook, which renders carriage returns); lines: a
 # line now and then, for a log file; auto: bars when stdout and stderr are both a terminal (DVC

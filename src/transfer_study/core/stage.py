@@ -5,6 +5,7 @@ import errno
 import functools
 import gc
 import os
+import reprlib
 import signal
 import sys
 import threading
@@ -19,6 +20,26 @@ class UserError(Exception):
     """A problem with params, data or the environment that the user can fix."""
 
 
+class ParamsError(UserError):
+    """A key of params.yaml is missing, unknown, of the wrong type or out of range."""
+
+
+# Values and keys are echoed in a bounded form: a YAML alias bomb (a list nesting itself by
+# reference, billions of leaves) or a 50 MB string comes back in at most MAX_SHOWN characters.
+_BOUNDED = reprlib.Repr()
+_BOUNDED.maxlevel = 2
+_BOUNDED.maxlist = _BOUNDED.maxtuple = _BOUNDED.maxdict = _BOUNDED.maxset = 4
+_BOUNDED.maxstring = _BOUNDED.maxother = 40
+_BOUNDED.maxlong = 24
+MAX_SHOWN = 80  # characters
+
+
+def shown(value):
+    """`value` as a short repr, for an error line."""
+    text = _BOUNDED.repr(value)
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
+
+
 # Where a distributed run says which process this is: torchrun sets RANK, LOCAL_RANK and
 # GROUP_RANK, Lightning's DDP launcher LOCAL_RANK and NODE_RANK, srun SLURM_PROCID, and a node
 # started by hand NODE_RANK.
@@ -31,8 +52,7 @@ MAX_PROCESSES = 2**20  # far above any cluster's process count: a larger number 
 
 def _refuse_variable(name, accepts):
     value = os.environ.get(name, "")
-    shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
-    raise UserError(f"environment variable {name} = {shown}: accepts {accepts}")
+    raise UserError(f"environment variable {name} = {shown(value)}: accepts {accepts}")
 
 
 def launcher_variable(name, unset=0):

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transfer_study.core.checks import ACTIVATIONS, NORMS
+from transfer_study.core.config import ACTIVATIONS, NORMS
 
 
 def activation_layer(name):

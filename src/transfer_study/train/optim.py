@@ -4,8 +4,7 @@ import math
 
 import torch
 
-from transfer_study.core.checks import OPTIMIZERS
-from transfer_study.core.config import MlpParams, uses_features
+from transfer_study.core.config import OPTIMIZERS, MlpParams, uses_features
 from transfer_study.nn.backbones import backbone_spec
 from transfer_study.nn.layers import AboveCut
 

@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from transfer_study import experiments
 from transfer_study.core import paths
 from transfer_study.core.atomic import write_text
-from transfer_study.core.checks import shown
+from transfer_study.core.stage import shown
 from transfer_study.tune.figures import plot_history, plot_importances
 from transfer_study.tune.space import SearchError
 

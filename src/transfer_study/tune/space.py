@@ -11,9 +11,9 @@ import optuna
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from transfer_study.core.checks import MAX_SEED, ParamsError, shown
-from transfer_study.core.config import deep_merge, parse_params, read_params
-from transfer_study.core.stage import UserError
+from transfer_study.core.config import MAX_SEED, parse_params
+from transfer_study.core.params_file import deep_merge, read_params
+from transfer_study.core.stage import ParamsError, UserError, shown
 from transfer_study.experiments import flat_params, stage_definitions
 
 MAX_TRIALS = 10_000
