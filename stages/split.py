@@ -6,8 +6,8 @@ from transfer_study.core import paths
 from transfer_study.core.atomic import write_json
 from transfer_study.core.config import load_params
 from transfer_study.core.stage import exit_on_user_error
+from transfer_study.data.readers import read_dataset
 from transfer_study.data.splits import make_splits, save_split, split_counts
-from transfer_study.split import read_dataset
 
 
 @exit_on_user_error

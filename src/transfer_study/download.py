@@ -12,9 +12,9 @@ from urllib.parse import urlparse
 
 from transfer_study.core import paths
 from transfer_study.core.atomic import atomic_path, write_json
+from transfer_study.core.catalog import DATASETS
 from transfer_study.core.progress import progress
 from transfer_study.core.stage import UserError
-from transfer_study.data.catalog import DATASETS
 
 CHUNK = 1 << 20  # bytes per read
 ATTEMPTS = 4  # tries per file on transient network errors

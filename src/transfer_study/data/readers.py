@@ -1,21 +1,26 @@
-"""Readers: CIFAR-10's python archive, MNIST's idx files, image folders -> Splits; an image file."""
+"""The dataset readers: CIFAR-10's python archive, MNIST's idx files, image folders -> Splits."""
 
 import codecs
 import gzip
 import io
-import os
 import pickle
 import struct
 import tarfile
-import warnings
 import zlib
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image, ImageOps
 
+from transfer_study.core.catalog import DATASETS
 from transfer_study.core.progress import progress
 from transfer_study.core.stage import UserError
+from transfer_study.data.images import (
+    IMAGE_SUFFIXES,
+    UNREADABLE_IMAGE,
+    images_below,
+    is_hidden,
+    read_image,
+)
 from transfer_study.data.splits import Split
 
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -192,35 +197,6 @@ def read_mnist(folder):
     return load("train"), load("t10k")
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
-
-
-def images_below(folder):
-    """(image files below `folder`, recursively and sorted; folders met that are symbolic links):
-    the one listing rule of folder datasets and predict. Hidden entries (names starting with a
-    dot: .ipynb_checkpoints, macOS ._ files) are left out and linked folders are not entered;
-    linked files are read, as DVC hashes them too."""
-    files, linked_folders = [], []
-
-    def fail(error):  # os.walk would skip an unreadable folder silently
-        raise error
-
-    for top, folders, names in os.walk(folder, onerror=fail):
-        top = Path(top)
-        linked_folders += [top / n for n in folders if not _hidden(n) and (top / n).is_symlink()]
-        folders[:] = [n for n in folders if not _hidden(n) and not (top / n).is_symlink()]
-        files += [top / n for n in names if not _hidden(n) and _is_image_name(n)]
-    return sorted(files), sorted(linked_folders)
-
-
-def _hidden(name):
-    return name.startswith(".")
-
-
-def _is_image_name(name):
-    return Path(name).suffix.lower() in IMAGE_SUFFIXES
-
-
 def _refuse_linked_folder(path):
     """DVC hashes data.path without entering linked folders, so a change inside one would never
     rerun split: refuse it rather than read what DVC cannot see."""
@@ -254,7 +230,7 @@ def read_folder(root, image_size, bad_images="fail"):
 def _read_classes(folder, image_size, bad_images, skipped, classes=None):
     if folder.is_symlink():
         _refuse_linked_folder(folder)
-    entries = sorted(p for p in folder.iterdir() if not _hidden(p.name) and p.is_dir())
+    entries = sorted(p for p in folder.iterdir() if not is_hidden(p.name) and p.is_dir())
     for linked in (p for p in entries if p.is_symlink()):
         _refuse_linked_folder(linked)
     found = [p.name for p in entries]
@@ -289,46 +265,6 @@ def _read_classes(folder, image_size, bad_images, skipped, classes=None):
     return Split(np.stack(images), np.array(labels, dtype=np.int64), classes)
 
 
-# What PIL raises for a file it cannot decode.
-UNREADABLE_IMAGE = (OSError, ValueError, Image.DecompressionBombError)
-
-
-# The modes PIL opens a 16-bit grayscale PNG in: I;16 (and its byte orders), or I in older Pillow.
-SIXTEEN_BIT_GRAYSCALE = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-def read_image(path, shape):
-    """uint8 C x H x W pixels of an image file, upright by its EXIF orientation (as a phone
-    photo is viewed), grayscale (C = 1) or RGB, resized to H x W."""
-    channels, height, width = shape
-    if not Path(path).is_file():  # a FIFO or a device would block the read, or never end it
-        raise OSError("not a regular file")
-    with _open_image(path) as image:
-        upright = ImageOps.exif_transpose(image)
-        if upright.mode in SIXTEEN_BIT_GRAYSCALE:
-            # convert() clips their 0-65535 values at 255, so that a 16-bit photo comes out
-            # white: keep each value's top 8 bits instead.
-            top = np.asarray(upright).astype(np.int64) >> 8
-            upright = Image.fromarray(np.clip(top, 0, 255).astype(np.uint8))
-        converted = upright.convert("L" if channels == 1 else "RGB")
-        pixels = np.asarray(converted.resize((width, height), Image.BILINEAR))
-    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
-
-
-def _open_image(path):
-    """Image.open, with PIL's decompression-bomb warning (over Image.MAX_IMAGE_PIXELS) turned
-    into a refusal in the project's words rather than a raw Python warning."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            return Image.open(path)
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-            raise ValueError(
-                f"more than {Image.MAX_IMAGE_PIXELS:,} pixels, refused as a possible "
-                "decompression bomb"
-            ) from None
-
-
 def _decode_image(path, image_size, bad_images):
     """uint8 3 x size x size pixels of one image file, or None if unreadable and skipped."""
     try:
@@ -339,3 +275,14 @@ def _decode_image(path, image_size, bad_images):
         raise UserError(
             f"cannot read image {path} ({error}); remove it or set data.bad_images: skip"
         ) from None
+
+
+def read_dataset(folder, data):
+    """(train Split, test Split or None, unreadable files skipped) of data.dataset, from the
+    files `download` wrote into `folder` (a folder dataset: from data.path)."""
+    if data.dataset == "cifar10":
+        (archive,) = DATASETS["cifar10"].files
+        return (*read_cifar10(Path(folder) / archive), [])
+    if data.dataset == "mnist":
+        return (*read_mnist(Path(folder)), [])
+    return read_folder(data.path, data.image_size, data.bad_images)
