@@ -1,10 +1,12 @@
 """Stage featurize_<model>: run the backbone's frozen part once over every split, cache its
-output (a model left out, or fine-tuned from pixels, writes markers only, without torch)."""
+output (a model left out writes markers only, without torch; one fine-tuned from pixels, markers
+only)."""
 
 import sys
 
-from transfer_study.core.config import cached_inputs, load_params, stage_model
+from transfer_study.core.config import load_params
 from transfer_study.core.markers import skip_featurize
+from transfer_study.core.pipeline import stage_model
 from transfer_study.core.stage import exit_on_user_error
 
 
@@ -12,11 +14,16 @@ from transfer_study.core.stage import exit_on_user_error
 def main(argv):
     params = load_params()
     name = stage_model(argv, params, "featurize")
-    section, crop = params.model(name), params.train.crop
-    if name not in params.models or cached_inputs(name, section, crop) is None:
+    if name not in params.models:
         skip_featurize(name)
         return
-    from transfer_study.featurize import featurize_model  # torch: only for a backbone pass
+    from transfer_study.featurize import featurize_model  # torch: only for a model in the study
+    from transfer_study.nn.backbones import cached_inputs
+
+    section, crop = params.model(name), params.train.crop
+    if cached_inputs(name, section, crop) is None:
+        skip_featurize(name)
+        return
 
     featurize_model(name, section, hflip=params.train.hflip, crop=crop)
 

@@ -11,12 +11,11 @@ import torch.distributed as dist
 
 from transfer_study.core import paths, timing
 from transfer_study.core.atomic import Rewritten, atomic_path, write_json
-from transfer_study.core.config import cached_inputs
 from transfer_study.core.progress import bars, progress
 from transfer_study.core.stage import UserError, launcher_variable, stop_if_signalled
 from transfer_study.data.splits import SPLITS, load_split
 from transfer_study.inference import frozen_outputs, frozen_part, prepare_extractor
-from transfer_study.nn.backbones import count_params
+from transfer_study.nn.backbones import cached_inputs, count_params
 from transfer_study.nn.device import (
     DTYPE_NAMES,
     default_device,
@@ -131,7 +130,7 @@ def featurize_model(name, section, hflip=False, crop=0):
     """Cache the frozen part of a backbone's output for every split, with a meta file and timing
     metrics: its features when it is frozen whole, its activations at the cut below its
     trainable blocks when it is partly fine-tuned without crops (`crop`: the shared
-    train.crop; config.cached_inputs decides).
+    train.crop; backbones.cached_inputs decides).
 
     The mirrored test images' too, always (one more pass over test), so that evaluate.hflip,
     which averages the two predictions, reruns evaluate alone. With `hflip`, the mirrored train

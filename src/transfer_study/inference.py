@@ -4,11 +4,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from transfer_study.core import paths, timing
-from transfer_study.data.readers import UNREADABLE_IMAGE, read_image
+from transfer_study.core import timing
+from transfer_study.data.images import UNREADABLE_IMAGE, read_image
 from transfer_study.nn.backbones import cut_below_trainable, feature_extractor
-from transfer_study.nn.build import load_trained, saved_inputs
-from transfer_study.nn.device import autocast_dtype, default_device, featurize_dtype
+from transfer_study.nn.device import autocast_dtype, default_device
 
 BATCH_SIZE = 256  # images or feature rows per forward pass of predict_logits
 
@@ -67,23 +66,3 @@ def predict_logits(net, inputs, device=None, batch_size=BATCH_SIZE):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             chunks.append(net(batch).float().cpu())
     return torch.cat(chunks)
-
-
-def load_classifier(name):
-    """(uint8 N x C x H x W images -> class probabilities, (C, H, W) the images are read at,
-    class names) of models/<name>.pt; a model that learned from cached features or activations
-    gets them from the backbone's frozen part."""
-    net, section, config = load_trained(paths.model_file(name))
-    device = default_device()
-    extractor, cached = None, saved_inputs(section, config)
-    if cached is not None:
-        extractor = prepare_extractor(frozen_part(name, section, cached), device)
-
-    @torch.inference_mode()
-    def classify(images):
-        inputs = torch.from_numpy(images)
-        if extractor is not None:
-            inputs = frozen_outputs(extractor, inputs.to(device), device, featurize_dtype(device))
-        return predict_logits(net, inputs, device).softmax(dim=1)
-
-    return classify, tuple(config["data"]["shape"]), config["classes"]

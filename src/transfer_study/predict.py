@@ -2,15 +2,26 @@
 
 from pathlib import Path
 
-from transfer_study.data.readers import IMAGE_SUFFIXES, images_below
-from transfer_study.inference import load_classifier, read_images
+import torch
+
+from transfer_study.core import paths
+from transfer_study.data.images import IMAGE_SUFFIXES, images_below
+from transfer_study.inference import (
+    frozen_outputs,
+    frozen_part,
+    predict_logits,
+    prepare_extractor,
+    read_images,
+)
+from transfer_study.nn.build import load_trained, saved_inputs
+from transfer_study.nn.device import default_device, featurize_dtype
 
 BATCH_SIZE = 64  # images decoded and classified together
 
 
 def image_files(targets):
     """(files to classify, [(path, why it is skipped)]): each path as given, a folder as the
-    image files below it, listed as a folder dataset's are (readers.images_below)."""
+    image files below it, listed as a folder dataset's are (data.images.images_below)."""
     files, problems = [], []
     for path in map(Path, targets):
         if path.is_dir():
@@ -24,6 +35,26 @@ def image_files(targets):
         else:
             problems.append((path, "no such file or folder"))
     return files, problems
+
+
+def load_classifier(name):
+    """(uint8 N x C x H x W images -> class probabilities, (C, H, W) the images are read at,
+    class names) of models/<name>.pt; a model that learned from cached features or activations
+    gets them from the backbone's frozen part."""
+    net, section, config = load_trained(paths.model_file(name))
+    device = default_device()
+    extractor, cached = None, saved_inputs(section, config)
+    if cached is not None:
+        extractor = prepare_extractor(frozen_part(name, section, cached), device)
+
+    @torch.inference_mode()
+    def classify(images):
+        inputs = torch.from_numpy(images)
+        if extractor is not None:
+            inputs = frozen_outputs(extractor, inputs.to(device), device, featurize_dtype(device))
+        return predict_logits(net, inputs, device).softmax(dim=1)
+
+    return classify, tuple(config["data"]["shape"]), config["classes"]
 
 
 def predict_files(name, targets, top=3, batch_size=BATCH_SIZE):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from transfer_study.core import paths
+from transfer_study.core.config import BackboneParams, uses_features
 from transfer_study.core.stage import UserError
 from transfer_study.nn.layers import Preprocess
 from transfer_study.nn.lite import LiteBody, lite_blocks, lite_stages
@@ -34,7 +35,7 @@ class BackboneSpec:
     # body -> its parameterized blocks, input to output (what trainable_layers counts)
     blocks: Callable[[nn.Module], list] = None
     # body -> its forward as a sequence of modules, input to output, each holding whole blocks:
-    # where it can be cut below the trainable blocks (config.CUT_BACKBONES), or None
+    # where it can be cut below the trainable blocks (cached_inputs), or None
     stages: Callable[[nn.Module], list] = None
 
     @property
@@ -284,6 +285,32 @@ def cut_below_trainable(name, body, trainable_layers):
     inside = {id(m) for m in above.modules()}
     above.blocks = [b for b in blocks if id(b) in inside]
     return below, above
+
+
+def cached_inputs(name, section, crop):
+    """What featurize_<name> caches and train_<name> learns from, given the shared train.crop:
+    "features" of a frozen backbone; "activations" at the cut below the top trainable_layers
+    blocks of a backbone whose registry entry has `stages`, when images are not cropped (a crop
+    changes what the frozen part sees); None for pixels (the MLP, `all`, crops, backbones that
+    do not cut)."""
+    if uses_features(section):
+        return "features"
+    if (
+        isinstance(section, BackboneParams)
+        and getattr(BACKBONES.get(name), "stages", None) is not None
+        and section.trainable_layers != "all"
+        and crop == 0
+    ):
+        # Here, where featurize and train both decide what the cache holds: featurize refuses
+        # before caching a whole pass that train could not use.
+        if section.train.crop != crop:
+            raise UserError(
+                f"{name}.train.crop = {section.train.crop}: the activations featurize_{name} "
+                "caches are of uncropped images; set the shared train.crop instead (crops then "
+                "train from images)"
+            )
+        return "activations"
+    return None
 
 
 def feature_extractor(name, weights, image_size):

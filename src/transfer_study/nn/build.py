@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from transfer_study.core import paths
-from transfer_study.core.checks import shown
-from transfer_study.core.config import MlpParams, parse_saved_section, uses_features
+from transfer_study.core.config import MlpParams, parse_section, uses_features
 from transfer_study.core.markers import is_skipped
-from transfer_study.core.stage import UserError
+from transfer_study.core.params_file import deep_merge
+from transfer_study.core.stage import UserError, shown
 from transfer_study.data.splits import channel_stats, load_split, read_array_file, require_file
 from transfer_study.nn.backbones import (
     UnreadableTensors,
@@ -140,7 +140,7 @@ def read_cache(name, cached, rows):
 
 def load_inputs(name, inputs, split):
     """(inputs as the model `name` consumes them, the split itself) of a split: its cached
-    `inputs` ("features" or "activations", config.cached_inputs), or None for its images."""
+    `inputs` ("features" or "activations", backbones.cached_inputs), or None for its images."""
     data = load_split(paths.split_file(split))
     if inputs is not None:
         return read_cache(name, split, len(data.labels)), data
@@ -151,6 +151,26 @@ def saved_inputs(section, config):
     """What a trained model learned from: its config's record (model files written before
     partial fine-tuning read activations have none: features for a frozen backbone)."""
     return config.get("inputs", "features" if uses_features(section) else None)
+
+
+# Keys added since model files were first written, with the value that matches a model saved
+# before them (no warm-up, no smoothing, every train image, torch's default process-group timeout
+# of 30 minutes, a plain MLP): such a file still loads.
+ADDED_KEYS = {
+    "train": {
+        "warmup_epochs": 0,
+        "label_smoothing": 0.0,
+        "per_class": None,
+        "rendezvous_timeout": 1800.0,
+    }
+}
+ADDED_MLP_KEYS = {"norm": "none", "residual": False}
+
+
+def _saved_section(name, raw):
+    """The section saved in a model file, keys added since then filled in."""
+    added = {**ADDED_KEYS, **(ADDED_MLP_KEYS if name == "mlp" else {})}
+    return parse_section(name, deep_merge(added, raw) if isinstance(raw, dict) else raw)
 
 
 def load_trained(path):
@@ -201,7 +221,7 @@ def _rebuild(saved, name):
         channels in (1, 3) and sides_ok and len(stats["mean"]) == len(stats["std"]) == channels
     ):
         raise ValueError("its input shape or statistics are not those of stored images")
-    section = parse_saved_section(config["name"], config["section"])
+    section = _saved_section(config["name"], config["section"])
     args = (config["name"], section, len(config["classes"]), config["data"], config["feature_dim"])
     cut = {}
     if saved_inputs(section, config) == "activations":
