@@ -1,1 +1,1 @@
-"""Training: the LightningModule, its loaders, optimizers, live progress, fit and resume."""
+"""Training in steps (fit.train_model): inputs, network, trainer, outputs; resume, progress."""

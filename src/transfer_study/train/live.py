@@ -12,13 +12,7 @@ from tqdm import tqdm
 from transfer_study.core import paths
 from transfer_study.core.atomic import Rewritten, write_json
 from transfer_study.core.progress import bars
-
-LOGGED = {
-    "train/loss": "train_loss",
-    "train/acc": "train_acc",
-    "val/loss": "val_loss",
-    "val/acc": "val_acc",
-}  # DVCLive's name -> the history's column
+from transfer_study.train.history import COLUMNS, kept_epoch
 
 
 def progress_bar_callbacks():
@@ -93,7 +87,7 @@ class LiveProgress(pl.Callback):
         if self.earlier is not None:
             done = self.earlier[self.earlier["epoch"] <= trainer.current_epoch]
             for _, row in done.iterrows():
-                self._log(int(row["epoch"]), {key: row[column] for key, column in LOGGED.items()})
+                self._log(int(row["epoch"]), {key: row[column] for key, column in COLUMNS.items()})
 
     def on_train_epoch_start(self, trainer, module):
         self.epoch_start = time.perf_counter()
@@ -101,7 +95,7 @@ class LiveProgress(pl.Callback):
     def on_train_epoch_end(self, trainer, module):
         # Lightning validates before this hook, so both splits' epoch metrics are in.
         metrics = trainer.callback_metrics
-        values = {key: float(metrics[key]) for key in LOGGED if key in metrics}
+        values = {key: float(metrics[key]) for key in COLUMNS if key in metrics}
         if self.live is not None:
             self._log(trainer.current_epoch + 1, values)
         if trainer.is_global_zero and not bars():
@@ -126,16 +120,17 @@ class LiveProgress(pl.Callback):
                 self.live.log_metric(key, float(value))
         self.live.next_step()
 
-    def finish(self, kept, epochs, seconds):
-        """The run's summary: `kept` (a history row) is the kept epoch. Written by this process
-        in every case (ddp_spawn trains in another, and DVCLive may have failed to start)."""
+    def finish(self, history, seconds):
+        """The run's summary, of its epoch `history`. Written by this process in every case
+        (ddp_spawn trains in another, and DVCLive may have failed to start)."""
         if self.live is not None:
             self.live.end()
+        kept = kept_epoch(history)
         # Nested as DVCLive nests the "val/loss" it logs live: the same columns in dvc exp show.
         summary = {
             "step": int(kept["epoch"]),  # the kept epoch: its weights are the model's
             "val": {"loss": float(kept["val_loss"]), "acc": float(kept["val_acc"])},
-            "epochs": int(epochs),
+            "epochs": len(history),
             "train_seconds": round(seconds, 2),
         }
         write_json(paths.live_summary(self.name), summary)

@@ -114,3 +114,11 @@ def data_device(train, nbytes):
     if one_gpu and nbytes < torch.cuda.mem_get_info()[0] / 4:
         return "cuda"
     return None
+
+
+def in_memory_data(inputs, train, seed):
+    """The data module of TrainingInputs `inputs`, its tensors on the GPU where data_device
+    puts them, else in host memory (pinned when bound for a GPU)."""
+    device = data_device(train, sum(x.nbytes for x in (*inputs.train, inputs.val[0])))
+    pin = device is None and trains_on_gpu(train)
+    return InMemoryData(inputs.train, inputs.val, inputs.batch_size, seed, pin, device)

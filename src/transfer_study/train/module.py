@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from transfer_study.core import timing
 from transfer_study.nn.layers import augment, frozen_modules
 from transfer_study.train.optim import build_optimizer, build_scheduler, scheduled, trainable_params
 
@@ -59,7 +58,6 @@ class Classifier(pl.LightningModule):
 
     def _step(self, batch, split):
         inputs, labels = batch
-        timing.work_starts()  # the first batch (Lightning's sanity check's, a val batch)
         logits = self.net(inputs).float()
         # Smoothed targets in training only: val/loss stays the plain cross-entropy that early
         # stopping and the kept epoch are judged by.
@@ -79,9 +77,6 @@ class Classifier(pl.LightningModule):
             weights = [p for n, p in named if p.requires_grad and n.endswith("weight")]
             loss = loss + self.train_params.l1 * sum(w.abs().sum() for w in weights)
         return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        timing.count_images(len(batch[1]) * self.trainer.world_size)  # every rank's shard
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")

@@ -1,4 +1,4 @@
-"""Checkpoints of an unfinished run: its fingerprint, whether to resume, the epoch history."""
+"""Checkpoints of an unfinished run: its fingerprint, whether to resume, when to remove them."""
 
 import contextlib
 import dataclasses
@@ -9,7 +9,6 @@ import shutil
 import sys
 
 import numpy as np
-import pandas as pd
 
 from transfer_study.core import paths
 from transfer_study.core.stage import is_first_process
@@ -93,18 +92,3 @@ def _resumable(path):
     except UnreadableTensors:  # damaged, truncated or tampered
         return False
     return isinstance(state, dict) and {"state_dict", "rng_state", "loops"} <= state.keys()
-
-
-def epoch_history(csv_paths):
-    """Lightning's CSV logs (train and val rows apart; one file per attempt, a resumed run's
-    last) -> one row per epoch, 1-based."""
-    log = pd.concat([pd.read_csv(path) for path in csv_paths], ignore_index=True)
-    columns = {
-        "train/loss": "train_loss",
-        "train/acc": "train_acc",
-        "val/loss": "val_loss",
-        "val/acc": "val_acc",
-    }
-    history = log.groupby("epoch")[list(columns)].last().rename(columns=columns).reset_index()
-    history["epoch"] += 1
-    return history
