@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, background_fixtures, write_cifar_archive
+from helpers import REPO, background_fixtures, write_cifar_archive
 
 from transfer_study.bench.__main__ import main
 
@@ -112,7 +112,7 @@ def study_timer(runs):
     return result.returncode, result.stdout, result.stderr[-3000:], returned
 
 
-RUNS = [study_timer]  # background runs (conftest)
+RUNS = [study_timer]  # background runs (helpers.py)
 globals().update(background_fixtures(RUNS))
 
 

@@ -10,13 +10,22 @@ import time
 
 import pytest
 import yaml
-from conftest import REPO, TRAIN_KEYS, tiny_overrides, write_params
-from test_faults import leftovers, train_outputs
-from test_pipeline import committed_study, run
+from helpers import (
+    REPO,
+    TRAIN_KEYS,
+    committed_study,
+    leftovers,
+    run,
+    tiny_overrides,
+    train_outputs,
+    write_params,
+)
 
 from transfer_study.core import paths
-from transfer_study.core.config import deep_merge
+from transfer_study.core.params_file import deep_merge
 from transfer_study.data.splits import load_split
+
+pytestmark = pytest.mark.slow  # two processes a test, as two nodes
 
 # Written as sitecustomize.py into a folder put first on PYTHONPATH: it records what the process
 # writes, renames and removes, so that a test can tell which rank wrote the outputs.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLASSES, write_cifar_archive
+from helpers import CLASSES, pickled, write_cifar_archive
 
 from transfer_study.core import paths
 from transfer_study.core.atomic import write_json
@@ -130,14 +130,10 @@ def test_split_file_round_trip(archive, tmp_path):
 def test_reader_refuses_labels_out_of_range(tmp_path):
     batch = {b"labels": [3, 10], b"data": np.zeros((2, 3072), dtype=np.uint8)}
     path = write_cifar_archive(
-        tmp_path / "a.tar.gz", skip=("test_batch",), raw={"test_batch": pickle.dumps(batch, 2)}
+        tmp_path / "a.tar.gz", skip=("test_batch",), raw={"test_batch": pickled(batch)}
     )
     with pytest.raises(UserError, match="labels outside 0..9"):
         read_cifar10(path)
-
-
-def _pickled(obj):
-    return pickle.dumps(obj, protocol=4)  # any protocol reads; 2 cannot hold an empty array
 
 
 PIXELS = np.zeros((2, 3072), np.uint8)
@@ -158,7 +154,7 @@ PIXELS = np.zeros((2, 3072), np.uint8)
 )
 def test_malformed_batches_get_one_line(tmp_path, member, payload, message):
     path = write_cifar_archive(
-        tmp_path / "a.tar.gz", skip=(member,), raw={member: _pickled(payload)}
+        tmp_path / "a.tar.gz", skip=(member,), raw={member: pickled(payload, protocol=4)}
     )
     with pytest.raises(UserError, match=re.escape(message)):
         read_cifar10(path)

@@ -15,11 +15,20 @@ import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import REPO, RunsCode, params, run_study, tiny_overrides, write_params
+from helpers import (
+    REPO,
+    RunsCode,
+    leftovers,
+    params,
+    run_study,
+    tiny_overrides,
+    train_outputs,
+    write_params,
+)
 
 from transfer_study.core import paths
 from transfer_study.core.atomic import write_json
-from transfer_study.core.config import deep_merge
+from transfer_study.core.params_file import deep_merge
 from transfer_study.core.stage import exit_on_user_error
 from transfer_study.data.splits import load_split
 from transfer_study.evaluate import evaluate_models
@@ -144,15 +153,6 @@ def wait_for(condition, process, seconds=120):
         time.sleep(0.05)
 
 
-def train_outputs(name):
-    return paths.model_file(name), paths.history_file(name), paths.train_metrics(name)
-
-
-def leftovers(workdir):
-    """Temporary files of atomic writes (.<name>.tmp<pid><suffix>) anywhere in the project."""
-    return [p for p in workdir.rglob(".*.tmp*")]
-
-
 def digests(*roots):
     """{path: SHA-256} of each file at or under `roots` (none for a root that is missing)."""
     files = [f for root in map(Path, roots) for f in (root, *root.rglob("*")) if f.is_file()]
@@ -166,6 +166,7 @@ def previous_training(name):
     return found
 
 
+@pytest.mark.slow  # a process of its own
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_interrupted_training_leaves_the_previous_outputs(study, signum, stage):
     long_run = {"max_epochs": 10_000, "patience": 10_000}
@@ -221,6 +222,7 @@ def previous_cache(name):
     return found
 
 
+@pytest.mark.slow  # a process of its own
 def test_interrupted_featurize_leaves_the_previous_cache(study, stage):
     slow = {"vgg16": {"image_size": 224}}  # seconds per split on a CPU
     write_params(study.root / "params.yaml", deep_merge(tiny_overrides(study.archive), slow))
@@ -461,6 +463,7 @@ def _gone(pid):
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
+@pytest.mark.slow  # a process of its own
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
 def test_a_stage_whose_dvc_parent_dies_stops_and_writes_nothing(workdir, archive):
     long_run = {"max_epochs": 10_000, "patience": 10_000}
@@ -502,6 +505,7 @@ exit_on_user_error(train_model)("mlp", load_params(), callbacks=[Crash()])
 """
 
 
+@pytest.mark.slow  # a process of its own
 def test_a_crash_in_training_ends_with_its_traceback_alone(study):
     """Under DVC, DVCLive holds git objects whose finalizers import; a crash's traceback kept
     them alive to the interpreter's last moments, where each printed "ImportError: sys.meta_path

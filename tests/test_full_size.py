@@ -1,20 +1,22 @@
-"""docs/results.md "Full CIFAR-10": each command is given verbatim, and each of its params
-reaches the network, the optimizer, the schedule, the trainer or evaluate."""
+"""docs/results.md "Full CIFAR-10": each command parses, and each of its params reaches the
+network, the optimizer, the schedule, the trainer or evaluate."""
 
-import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO
-from test_studies import STATS, grid, linear_widths
+from helpers import REPO, STATS, documented_commands, grid, linear_widths
 from torch import nn
 
-from transfer_study.core.config import cached_inputs, deep_merge, load_params, uses_features
+from transfer_study.core.config import load_params, uses_features
+from transfer_study.core.params_file import deep_merge
+from transfer_study.nn.backbones import cached_inputs
 from transfer_study.nn.build import build_net
 from transfer_study.nn.layers import Residual
-from transfer_study.train.fit import Classifier, param_groups, resolve_precision
-from transfer_study.train.optim import lr_factor
+from transfer_study.train.module import Classifier
+from transfer_study.train.optim import lr_factor, param_groups
+from transfer_study.train.trainer import resolve_precision
 
 FULL = (
     "-S data.dataset=folder -S data.path=../cifar10-train -S data.image_size=32 "
@@ -22,77 +24,45 @@ FULL = (
 )
 
 
-def partial_command(blocks, epochs, extra=""):
-    """The docs' command for Lite0 with its top `blocks` fine-tuned from cached activations."""
-    return (
-        "-S 'models={mlp: false, vgg16: false, inception: false}' "
-        f"-S lite0.trainable_layers={blocks} -S lite0.lr_decay=0.8 -S 'lite0.head.hidden=[2048]' "
-        "-S lite0.head.activation=gelu -S lite0.head.dropout=0.6 -S train.hflip=true "
-        "-S evaluate.hflip=true -S ++lite0.train.optimizer=adamw -S ++lite0.train.lr=5e-4 "
-        "-S ++lite0.train.weight_decay=0.05 -S ++lite0.train.batch_size=256 "
-        f"-S ++lite0.train.max_epochs={epochs} -S ++lite0.train.patience={epochs} "
-        "-S ++lite0.train.scheduler=cosine -S ++lite0.train.warmup_epochs=1 "
-        "-S ++lite0.train.label_smoothing=0.1" + extra
-    )
+SECTION = "Full CIFAR-10"
+# The commands of that section, by their labels there: the tests below check each one's params.
+NAMES = (
+    "mlp",
+    "frozen",
+    "lite2",
+    "partial_top3",
+    "partial_top5",
+    "partial_top6",
+    "fine_tuned",
+)
 
 
-COMMANDS = {
-    "mlp": "-S 'models={vgg16: false, inception: false, lite0: false}' "
-    "-S 'mlp.hidden=[1024,1024,1024]' -S mlp.norm=batch -S mlp.residual=true "
-    "-S mlp.activation=gelu -S train.hflip=true -S evaluate.hflip=true "
-    "-S ++mlp.train.optimizer=adamw -S ++mlp.train.weight_decay=0.05 "
-    "-S ++mlp.train.batch_size=256 -S ++mlp.train.max_epochs=40 -S ++mlp.train.patience=40 "
-    "-S ++mlp.train.scheduler=cosine -S ++mlp.train.warmup_epochs=2 "
-    "-S ++mlp.train.label_smoothing=0.1 -S ++mlp.train.crop=2 "
-    "-S ++mlp.train.precision=bf16-mixed",
-    "frozen": "-S 'models={mlp: false, vgg16: false, inception: false}' "
-    "-S 'lite0.head.hidden=[2048]' -S lite0.head.activation=gelu -S lite0.head.dropout=0.6 "
-    "-S train.hflip=true -S evaluate.hflip=true -S ++lite0.train.optimizer=adamw "
-    "-S ++lite0.train.lr=5e-4 -S ++lite0.train.weight_decay=0.1 -S ++lite0.train.batch_size=256 "
-    "-S ++lite0.train.max_epochs=30 -S ++lite0.train.patience=30 "
-    "-S ++lite0.train.scheduler=cosine -S ++lite0.train.warmup_epochs=1 "
-    "-S ++lite0.train.label_smoothing=0.2",
-    "fine_tuned": "-S 'models={mlp: false, vgg16: false, inception: false}' "
-    "-S lite0.trainable_layers=all -S lite0.lr_decay=0.8 -S train.hflip=true "
-    "-S evaluate.hflip=true -S ++lite0.train.optimizer=adamw -S ++lite0.train.lr=5e-4 "
-    "-S ++lite0.train.weight_decay=0.05 -S ++lite0.train.batch_size=256 "
-    "-S ++lite0.train.max_epochs=10 -S ++lite0.train.patience=10 "
-    "-S ++lite0.train.scheduler=cosine -S ++lite0.train.warmup_epochs=1 "
-    "-S ++lite0.train.label_smoothing=0.1 -S ++lite0.train.crop=4",
-    "partial": partial_command(blocks=3, epochs=10),
-    "partial_top5": partial_command(blocks=5, epochs=8),
-    "partial_top6": partial_command(
-        blocks=6, epochs=12, extra=" -S ++lite0.train.precision=bf16-mixed"
-    ),
-}
-
-
-def section():
-    results = open(f"{REPO}/docs/results.md").read()
-    return re.sub(r"\s*\\\n\s*", " ", results.split("## Full CIFAR-10")[1].split("\n## ")[0])
+def overrides(name):
+    """The params overrides of the section's command `name`, $FULL's flags included."""
+    (found,) = grid(documented_commands(SECTION)[name].replace("$FULL", FULL))
+    return found
 
 
 def params(name):
-    overrides = grid(f"dvc exp run {FULL} {COMMANDS[name]}")
-    assert len(overrides) == 1
-    return load_params(f"{REPO}/params.yaml", overrides[0])
+    return load_params(f"{REPO}/params.yaml", overrides(name))
 
 
-def random_lite0_params(name):
-    """params(name), Lite0 with random weights: the network is built, nothing downloaded."""
-    overrides = grid(f"dvc exp run {FULL} {COMMANDS[name]}")[0]
-    return load_params(f"{REPO}/params.yaml", deep_merge(overrides, {"lite0": {"weights": "none"}}))
+def random_weights_params(name, model="lite0"):
+    """params(name), `model` with random weights: the network is built, nothing downloaded."""
+    return load_params(
+        f"{REPO}/params.yaml", deep_merge(overrides(name), {model: {"weights": "none"}})
+    )
 
 
-def test_results_doc_gives_the_data_flags_and_every_command_verbatim():
-    text = section()
-    assert f'FULL="{FULL}"' in text
-    for name, command in COMMANDS.items():
-        assert command in text, name
+def test_results_doc_gives_the_data_flags_and_one_command_for_each_name():
+    results = Path(REPO, "docs", "results.md").read_text()
+    assert f'FULL="{FULL}"' in results.split(f"## {SECTION}")[1]
+    assert list(documented_commands(SECTION)) == list(NAMES)
 
 
-def test_data_flags_read_the_folder_at_a_tenth_held_out():
-    data = params("mlp").data
+@pytest.mark.parametrize("name", NAMES)
+def test_every_command_sets_the_data_flags(name):
+    data = params(name).data
     assert (data.dataset, data.path, data.image_size, data.val_fraction) == (
         "folder",
         "../cifar10-train",
@@ -144,8 +114,16 @@ def test_frozen_lite0_trains_a_wide_head_on_plain_and_mirrored_features():
     assert train.patience == train.max_epochs == 30 and train.batch_size == 256
 
 
+def test_frozen_lite2_trains_the_frozen_lite0_head_and_recipe_on_260_px_features():
+    p, lite0 = params("lite2"), params("frozen").model("lite0")
+    lite2 = p.model("lite2")
+    assert p.models == ("lite2",) and uses_features(lite2) and p.evaluate.hflip
+    assert lite2.image_size == 260
+    assert (lite2.head, lite2.train) == (lite0.head, lite0.train)
+
+
 def test_fine_tuned_lite0_trains_every_layer_at_decaying_rates():
-    p = random_lite0_params("fine_tuned")
+    p = random_weights_params("fine_tuned")
     lite0 = p.model("lite0")
     assert not uses_features(lite0) and p.evaluate.hflip
     net = build_net("lite0", lite0, 10, STATS)
@@ -177,7 +155,7 @@ def test_fine_tuned_lite0_trains_every_layer_at_decaying_rates():
 @pytest.mark.parametrize(
     ("name", "blocks", "epochs", "precision"),
     [
-        ("partial", 3, 10, "32-true"),
+        ("partial_top3", 3, 10, "32-true"),
         ("partial_top5", 5, 8, "32-true"),
         ("partial_top6", 6, 12, "bf16-mixed"),
     ],
@@ -185,7 +163,7 @@ def test_fine_tuned_lite0_trains_every_layer_at_decaying_rates():
 def test_partly_fine_tuned_lite0_trains_its_top_blocks_from_cached_activations(
     name, blocks, epochs, precision
 ):
-    p = random_lite0_params(name)
+    p = random_weights_params(name)
     lite0 = p.model("lite0")
     assert cached_inputs("lite0", lite0, p.train.crop) == "activations" and p.train.hflip
     # Below the last one to four MBConv blocks (N = 3 to 6) at 224 px: 192 x 7 x 7 values an image.

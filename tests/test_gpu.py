@@ -4,10 +4,11 @@
 import numpy as np
 import pytest
 import torch
-from conftest import params
+from helpers import params
 
 from transfer_study.core import paths
-from transfer_study.featurize import featurize, prepare_extractor
+from transfer_study.featurize import featurize
+from transfer_study.inference import prepare_extractor
 from transfer_study.nn.backbones import backbone_spec, feature_extractor
 from transfer_study.nn.device import LIGHTNING_PRECISION, autocast_dtype
 from transfer_study.train.fit import train_model

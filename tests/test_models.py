@@ -3,18 +3,19 @@
 import pytest
 import torch
 import yaml
-from conftest import REPO, RunsCode
+from helpers import REPO, RunsCode
 from torch import nn
 from torchvision import models as tvm
 
-from transfer_study.core.checks import ACTIVATIONS
-from transfer_study.core.config import deep_merge, parse_params
+from transfer_study.core.config import ACTIVATIONS, parse_params
+from transfer_study.core.params_file import deep_merge
 from transfer_study.core.stage import UserError
-from transfer_study.featurize import prepare_extractor
+from transfer_study.inference import prepare_extractor
 from transfer_study.nn.backbones import BACKBONES, backbone_spec, count_params, feature_extractor
 from transfer_study.nn.build import build_net
 from transfer_study.nn.layers import Residual, mlp
-from transfer_study.train.fit import Classifier, param_groups
+from transfer_study.train.module import Classifier
+from transfer_study.train.optim import param_groups
 
 # Every hand-registered backbone, and torchvision models taken by name (one per family kind:
 # a ResNet's fc, a MobileNet's classifier Sequential, a ConvNeXt's norm-flatten-linear head).

@@ -12,10 +12,11 @@ from pathlib import Path
 import nbformat
 import pytest
 import yaml
-from conftest import REPO, background_fixtures
-from test_pipeline import (
+from helpers import (
     ALL_STAGES,
     DECLARED,
+    REPO,
+    background_fixtures,
     committed,
     copy_project,
     plotted_models,

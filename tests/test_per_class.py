@@ -9,7 +9,8 @@ import pytorch_lightning as pl
 from transfer_study.core import paths
 from transfer_study.core.stage import UserError
 from transfer_study.data.splits import draw_per_class
-from transfer_study.train.fit import MIN_EPOCH_IMAGES, train_model
+from transfer_study.train.fit import train_model
+from transfer_study.train.inputs import MIN_EPOCH_IMAGES
 
 CLASSES = ("cat", "dog", "frog")
 

@@ -2,7 +2,7 @@
 
 `dvc repro` of the tiny study runs once; each run that changes something works on a copy of
 that finished project (its git history and DVC cache with it), so that every test passes alone
-and in any order. The runs are background runs (conftest): started before the first test, in
+and in any order. The runs are background runs (helpers.py): started before the first test, in
 a worker process, while the other tests run. Each test checks what its own run did. A study
 with models left out and a queued grid, run through the notebook: tests/test_notebook.py.
 """
@@ -12,7 +12,6 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -23,109 +22,22 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import (
-    REPO,
+from helpers import (
+    ALL_STAGES,
+    DECLARED,
     TRAIN_KEYS,
     background_fixtures,
+    copy_project,
+    finished,
     needs,
-    tiny_overrides,
-    write_cifar_archive,
-    write_params,
+    plotted_models,
+    reproduced,
+    run,
+    stages_run,
 )
 
-MODELS = ["mlp", "vgg16", "inception", "lite0"]  # in the study
-DECLARED = [*MODELS, "lite1", "lite2", "resnet50"]  # with stages in dvc.yaml; the last three
-# are off in params.yaml: their stages write markers only
-ALL_STAGES = [
-    "download",
-    "split",
-    "evaluate",
-    "report",
-    *(f"train_{m}" for m in DECLARED),
-    *(f"featurize_{m}" for m in DECLARED[1:]),
-]
-COPIED = [
-    "dvc.yaml",
-    "params.yaml",
-    "stages",
-    "src",
-    ".dvc/config",
-    ".dvc/plots",
-    "data/images",
-    ".dvc/.gitignore",
-    ".gitignore",
-    "pyproject.toml",
-]
-
-
-def run(root, *args):
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(root / "src"),
-        "DVC_NO_ANALYTICS": "1",
-        "DO_NOT_TRACK": "1",
-    }
-    result = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
-
-
-def stages_run(output):
-    return sorted(re.findall(r"Running stage '(\w+)'", output))
-
-
-def committed_study(root):
-    """The repository's pipeline and code in `root`, with tiny params, committed to git."""
-    for name in COPIED:
-        source, target = os.path.join(REPO, name), root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if os.path.isdir(source):
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg*"))
-        else:
-            shutil.copy(source, target)
-    (root.parent / "mirror").mkdir()
-    archive = write_cifar_archive(root.parent / "mirror" / "cifar.tar.gz")
-    write_params(root / "params.yaml", tiny_overrides(archive))
-    run(root, "git", "init", "-q")
-    # dvc exp commits experiments: it needs an identity even where git has no global one.
-    run(root, "git", "config", "user.name", "test")
-    run(root, "git", "config", "user.email", "test@example.com")
-    run(root, "git", "add", "-A")
-    run(root, "git", "commit", "-qm", "tiny study")
-    return root
-
-
-def _dvc_tmp(folder, names):
-    return ["tmp"] if Path(folder).name == ".dvc" else []  # DVC's locks and scratch files
-
-
-def copy_project(source, target):
-    """A copy of a project folder, git history and DVC cache included."""
-    shutil.copytree(source, target, symlinks=True, ignore=_dvc_tmp)
-    return target
-
-
-# The runs, each in a folder of its own (conftest's Runs).
-
-
-def committed(runs):
-    """The committed study, in a folder of the first run that asks for it."""
-    return runs.once("committed", lambda: committed_study(runs.folder("committed") / "project"))
-
-
-def finished(runs, name):
-    """A copy of the reproduced study (its results committed) in a new folder `name`."""
-    source, _ = runs.wait("reproduced")
-    return copy_project(Path(source), runs.folder(name) / "project")
-
-
-def reproduced(runs):
-    """`dvc repro` of the committed study, then its results committed: (project, output)."""
-    root = copy_project(committed(runs), runs.folder("reproduced") / "project")
-    output = run(root, "dvc", "repro")
-    run(root, "git", "add", "-A")
-    run(root, "git", "commit", "-qm", "results")
-    return root, output
+MODELS = ["mlp", "vgg16", "inception", "lite0"]  # in the study; the other three declared
+# models are off in params.yaml: their stages write markers only
 
 
 def exp_run(runs, name, setting):
@@ -322,19 +234,6 @@ def test_test_time_flips_rerun_only_evaluate_and_report(flipped_test_images):
     before, output, after = flipped_test_images
     assert stages_run(output) == ["evaluate", "report"]  # mirrored test features are cached
     assert set(after) == set(before) and after != before
-
-
-def plotted_models(project):
-    """{plot title: the models it shows} of `dvc plots show --json`; images by file name."""
-    shown = json.loads(run(project, "dvc", "plots", "show", "--json"))["data"]
-    models = {}
-    for title, renderers in shown.items():
-        for renderer in renderers:
-            if renderer["type"] == "vega":
-                models[title] = {row["model"] for row in renderer["content"]["data"]["values"]}
-            else:
-                models.setdefault("images", set()).add(title.rsplit("/", 1)[-1])
-    return models
 
 
 def test_plots_show_tells_every_model_apart(project):

@@ -3,11 +3,11 @@ for featurizing, training and evaluation. GPUs are faked: the suite runs on a CP
 
 import pytest
 import torch
-from conftest import params
+from helpers import params
 
 from transfer_study.nn import device as device_module
 from transfer_study.nn.device import DTYPE_NAMES, autocast_dtype, featurize_dtype
-from transfer_study.train.fit import resolve_precision
+from transfer_study.train.trainer import resolve_precision
 
 CUDA = torch.device("cuda")
 # Compute capabilities: a hosted notebook's T4 (Turing), a V100 (Volta), an A100, an H100.

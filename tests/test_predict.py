@@ -13,29 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, REPO, RunsCode, only, params
+from helpers import CLASSES, REPO, RunsCode, only, params, save_test_images
 from PIL import Image
 
 from transfer_study.core import paths
 from transfer_study.core.markers import skip_training
 from transfer_study.core.stage import UserError
-from transfer_study.data.splits import load_split
 from transfer_study.evaluate import evaluate_models
 from transfer_study.featurize import featurize_model
 from transfer_study.inference import predict_logits
 from transfer_study.nn.build import load_trained
 from transfer_study.predict import predict_files
 from transfer_study.train.fit import train_model
-
-
-def save_test_images(folder, count=3):
-    """The first test images as PNG files (lossless), with their labels."""
-    test = load_split(paths.split_file("test"))
-    image_paths = []
-    for i in range(count):
-        image_paths.append(folder / f"test{i}.png")
-        Image.fromarray(test.images[i].transpose(1, 2, 0)).save(image_paths[-1])
-    return image_paths, test
 
 
 def test_cli_prints_the_top_three_classes(study):

@@ -10,16 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, only
+from helpers import REPO, only
 
 from transfer_study.core import paths
 from transfer_study.core.config import load_params
+from transfer_study.data.readers import read_cifar10
 from transfer_study.data.splits import make_splits, save_split
 from transfer_study.evaluate import evaluate_models
-from transfer_study.featurize import featurize_model, prepare_extractor
+from transfer_study.featurize import featurize_model
+from transfer_study.inference import prepare_extractor
 from transfer_study.nn.backbones import feature_extractor
-from transfer_study.split import read_cifar10
 from transfer_study.train.fit import train_model
+
+pytestmark = pytest.mark.slow  # the real ImageNet weights on real images
 
 SAMPLE = Path(REPO).parent / "shared" / "datasets" / "cifar-10-sample-python.tar.gz"
 SIZE = 96  # pixels: small enough for a CPU, large enough for ImageNet features to matter

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import params
+from helpers import params
 
 from transfer_study.core.progress import VARIABLE, bars, progress
 from transfer_study.core.stage import UserError

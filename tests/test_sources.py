@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, background_fixtures, only, write_cifar_archive, write_params
+from helpers import REPO, background_fixtures, only, write_cifar_archive, write_params
 from PIL import Image
 
+from transfer_study.core.catalog import DATASETS
 from transfer_study.core.config import DataParams
 from transfer_study.core.stage import UserError
-from transfer_study.data.catalog import DATASETS
 from transfer_study.data.readers import read_cifar10, read_folder, read_mnist
 from transfer_study.data.splits import make_splits
 from transfer_study.download import download_dataset, fetch

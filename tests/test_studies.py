@@ -1,97 +1,54 @@
-"""Each row of docs/results.md "Reproducing the original studies" is one command, and each
-param of it reaches the network, the optimizer or the trainer."""
+"""Each command of docs/results.md "Reproducing the original studies" parses, and each param of
+it reaches the network, the optimizer or the trainer."""
 
-import re
-import shlex
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO, STATS, documented_commands, grid, linear_widths
 from torch import nn
 
-from transfer_study.bench.study import parse_assignment
-from transfer_study.core.config import deep_merge, load_params
+from transfer_study.core.config import load_params
+from transfer_study.core.params_file import deep_merge
 from transfer_study.nn.build import build_net
-from transfer_study.train.fit import Classifier, param_groups
+from transfer_study.train.module import Classifier
+from transfer_study.train.optim import param_groups
 
-# `models` switches that leave one model in the study (from the committed params.yaml).
-ONLY_MLP = "-S 'models={vgg16: false, inception: false, lite0: false}'"
-ONLY_VGG16 = "-S 'models={mlp: false, inception: false, lite0: false}'"
-ONLY_INCEPTION = "-S 'models={mlp: false, vgg16: false, lite0: false}'"
-ONLY_RESNET50 = (
-    "-S 'models={mlp: false, vgg16: false, inception: false, lite0: false, resnet50: true}'"
+SECTION = "Reproducing the original studies"
+# The commands of that section, by their labels there: the tests below check each one's params.
+NAMES = (
+    "mlp64",
+    "variants",
+    "architectures",
+    "activations",
+    "optimizers",
+    "augmentation",
+    "vgg16",
+    "inception",
+    "resnet50",
+    "search",
+    "mnist",
+    "unfreeze",
+    "full_fine_tuning",
+    "own_images",
 )
-ONLY_LITE0 = "-S 'models={mlp: false, vgg16: false, inception: false}'"
-# The commands as docs/results.md gives them (the test below checks that it does, verbatim).
-STUDIES = {
-    "mlp64": f"dvc exp run {ONLY_MLP} -S mlp.image_size=64 -S 'mlp.hidden=[256,128]' "
-    "-S mlp.activation=relu -S mlp.dropout=0 -S ++mlp.train.lr=1e-5 -S ++mlp.train.max_epochs=12 "
-    "-S ++mlp.train.patience=5",
-    "variants": f"dvc exp run {ONLY_MLP} -S 'mlp.hidden=[64,16]' -S mlp.dropout=0.5 "
-    "-S ++mlp.train.l1=1e-5 -S ++mlp.train.weight_decay=1e-4 -S ++mlp.train.batch_size=1024",
-    "architectures": f"dvc exp run {ONLY_MLP} -S 'mlp.hidden=[1536,768,384]' "
-    "-S mlp.activation=relu -S mlp.dropout=0 -S ++mlp.train.optimizer=sgd -S ++mlp.train.lr=0.02 "
-    "-S ++mlp.train.momentum=0.9 -S ++mlp.train.batch_size=32 -S ++mlp.train.max_epochs=50",
-    "activations": f"dvc exp run --queue {ONLY_MLP} "
-    "-S 'mlp.activation=relu,leaky_relu,elu,silu,sigmoid,tanh'",
-    "optimizers": f"dvc exp run --queue {ONLY_MLP} "
-    "-S 'train.optimizer=sgd,adam,adagrad,adadelta' -S train.scheduler=exponential "
-    "-S train.gamma=0.9",
-    "augmentation": "dvc exp run -S train.hflip=true -S ++mlp.train.crop=4",
-    "vgg16": f"dvc exp run {ONLY_VGG16} -S 'vgg16.head.hidden=[50,20]' "
-    "-S vgg16.head.activation=relu",
-    "inception": f"dvc exp run {ONLY_INCEPTION}",
-    "resnet50": f"dvc exp run {ONLY_RESNET50}",
-    "search": "dvc exp run --queue -S 'train.lr=1e-2,1e-3,1e-4' -S 'train.batch_size=64,256' "
-    "-S 'train.max_epochs=10,30'",
-    "mnist": f"dvc exp run -S data.dataset=mnist {ONLY_MLP} -S mlp.image_size=28 "
-    "-S 'mlp.hidden=[128]' -S mlp.activation=sigmoid -S mlp.dropout=0 "
-    "-S ++mlp.train.optimizer=sgd -S ++mlp.train.lr=0.1",
-    "unfreeze": f"dvc exp run {ONLY_LITE0} -S lite0.trainable_layers=3 "
-    "-S lite0.lr_decay=0.7 -S ++lite0.train.lr=1e-4",
-}
 
 
-def grid(command):
-    """Every params override a command sets: one per combination of a queued grid's values,
-    each `-S key=value` parsed as DVC parses it (the study timer's parser)."""
-    combos = [{}]
-    args = shlex.split(command)
-    for flag, assignment in zip(args, args[1:]):
-        if flag != "-S":
-            continue
-        key, value = assignment.split("=", 1)
-        choices = (
-            value.split(",") if "--queue" in args and not value.startswith(("[", "{")) else [value]
-        )
-        nested = [parse_assignment(f"{key}={choice}") for choice in choices]
-        combos = [deep_merge(c, n) for c in combos for n in nested]
-    return combos
+def command(name):
+    return documented_commands(SECTION)[name]
 
 
 def study(name, index=0):
-    return load_params(f"{REPO}/params.yaml", grid(STUDIES[name])[index])
+    return load_params(f"{REPO}/params.yaml", grid(command(name))[index])
 
 
-def linear_widths(net):
-    return [(m.in_features, m.out_features) for m in net.modules() if isinstance(m, nn.Linear)]
+def test_results_doc_gives_one_command_for_each_name():
+    assert list(documented_commands(SECTION)) == list(NAMES)
 
 
-STATS = {"shape": [3, 32, 32], "mean": (0.5,) * 3, "std": (0.25,) * 3}
-
-
-def test_results_doc_gives_every_command_verbatim():
-    results = open(f"{REPO}/docs/results.md").read()
-    section = results.split("## Reproducing the original studies")[1].split("\n## ")[0]
-    flat = re.sub(r"\s*\\\n\s*", " ", section)
-    for name, command in STUDIES.items():
-        assert command in flat, name
-
-
-@pytest.mark.parametrize("name", list(STUDIES))
+@pytest.mark.parametrize("name", NAMES)
 def test_every_command_parses(name):
-    for index in range(len(grid(STUDIES[name]))):
+    for index in range(len(grid(command(name)))):
         assert study(name, index).models
 
 
@@ -171,7 +128,7 @@ def test_resnet50_row_fine_tunes_everything_with_adadelta():
     section = study("resnet50").model("resnet50")
     overrides = {"resnet50": {"weights": "none", "image_size": 32}}
     section = load_params(
-        f"{REPO}/params.yaml", deep_merge(grid(STUDIES["resnet50"])[0], overrides)
+        f"{REPO}/params.yaml", deep_merge(grid(command("resnet50"))[0], overrides)
     )
     net = build_net("resnet50", section.model("resnet50"), 10, STATS)
     assert all(p.requires_grad for p in net.parameters())
@@ -183,7 +140,7 @@ def test_resnet50_row_fine_tunes_everything_with_adadelta():
 
 def test_search_grid_has_every_combination():
     lrs = sorted({study("search", i).train.lr for i in range(12)})
-    assert lrs == [1e-4, 1e-3, 1e-2] and len(grid(STUDIES["search"])) == 12
+    assert lrs == [1e-4, 1e-3, 1e-2] and len(grid(command("search"))) == 12
 
 
 def test_mnist_row():
@@ -203,7 +160,7 @@ def test_partial_unfreezing_row():
         load_params(
             f"{REPO}/params.yaml",
             deep_merge(
-                grid(STUDIES["unfreeze"])[0], {"lite0": {"weights": "none", "image_size": 32}}
+                grid(command("unfreeze"))[0], {"lite0": {"weights": "none", "image_size": 32}}
             ),
         ).model("lite0"),
         10,
@@ -211,6 +168,17 @@ def test_partial_unfreezing_row():
     )
     groups = param_groups("lite0", p, net)
     assert [g["lr_scale"] for g in groups] == pytest.approx([1, 0.7, 0.49, 0.343])
+
+
+def test_full_fine_tuning_row():
+    lite0 = study("full_fine_tuning").model("lite0")
+    assert (lite0.trainable_layers, lite0.lr_decay) == ("all", 0.8)
+    assert (lite0.train.lr, lite0.train.hflip, lite0.train.crop) == (3e-4, True, 4)
+
+
+def test_own_images_row():
+    data = study("own_images").data
+    assert (data.dataset, data.path, data.image_size) == ("folder", "path/to/images", 32)
 
 
 @pytest.mark.parametrize(
@@ -221,6 +189,7 @@ def test_partial_unfreezing_row():
         ("inception", ("inception",)),
         ("resnet50", ("resnet50",)),
         ("unfreeze", ("lite0",)),
+        ("full_fine_tuning", ("lite0",)),
         ("augmentation", ("mlp", "vgg16", "inception", "lite0")),
     ],
 )

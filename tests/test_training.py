@@ -12,17 +12,19 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from conftest import REPO, TRAIN_KEYS, params, tiny_overrides, write_params
+from helpers import REPO, TRAIN_KEYS, params, tiny_overrides, write_params
 
-from transfer_study.core import paths
-from transfer_study.core.checks import OPTIMIZERS
-from transfer_study.core.config import deep_merge
+from transfer_study.core import paths, timing
+from transfer_study.core.config import OPTIMIZERS
+from transfer_study.core.params_file import deep_merge
 from transfer_study.core.stage import UserError
+from transfer_study.data.readers import read_cifar10
 from transfer_study.data.splits import load_split, make_splits, save_split
-from transfer_study.evaluate import evaluate_models, predict_logits
+from transfer_study.evaluate import evaluate_models
+from transfer_study.inference import predict_logits
 from transfer_study.nn.build import build_net, check_trainable, load_trained
-from transfer_study.split import read_cifar10
-from transfer_study.train.fit import Classifier, train_model
+from transfer_study.train.fit import train_model
+from transfer_study.train.module import Classifier
 from transfer_study.train.optim import optimizer_class
 
 STATS = {"shape": [3, 32, 32], "mean": (0.5,) * 3, "std": (0.25,) * 3}  # what build_net needs
@@ -45,6 +47,17 @@ def test_early_stopping_on_val_loss(workdir, archive):
         "mlp", params(archive, train={"max_epochs": 30, "patience": 1, "min_delta": 100.0})
     )
     assert metrics["epochs"] == 2
+
+
+def test_the_study_timer_sees_the_first_batch_and_counts_the_train_images(
+    workdir, archive, monkeypatch
+):
+    record = {"images": 0}  # core.timing's, for this run alone
+    monkeypatch.setattr(timing, "_record", record)
+    metrics = train_model("mlp", params(archive, train={"max_epochs": 2, "patience": 2}))
+    train_images = len(load_split(paths.split_file("train")).labels)
+    assert record["images"] == metrics["epochs"] * train_images
+    assert "work_start" in record
 
 
 class ReadsLiveSummary(pl.Callback):
@@ -273,6 +286,7 @@ def test_loader_shards_by_rank_and_reshuffles_by_epoch():
     assert sorted(shards[0] + shards[1]) == list(range(20))
 
 
+@pytest.mark.slow  # two processes
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
 def test_ddp_with_two_cpu_processes(workdir, archive, strategy):
     ddp = {"train": {"accelerator": "cpu", "devices": 2, "strategy": strategy, "max_epochs": 2}}
@@ -297,7 +311,8 @@ def test_ddp_with_two_cpu_processes(workdir, archive, strategy):
 
 def test_featurize_caches_mirrored_train_features(study):
     from transfer_study.core.paths import FLIPPED_TRAIN
-    from transfer_study.featurize import featurize, prepare_extractor
+    from transfer_study.featurize import featurize
+    from transfer_study.inference import prepare_extractor
     from transfer_study.nn.backbones import feature_extractor
 
     # The study ran featurize_model("vgg16", section, hflip=True).
@@ -371,6 +386,7 @@ def test_hflip_needs_the_mirrored_cache(study):
         train_model("vgg16", p)
 
 
+@pytest.mark.slow  # two processes
 def test_featurize_under_torchrun_matches_one_process(study):
     # The study's features, of one process (featurize_model, which the stage runs), to match.
     splits = ("train", "val", "test")

@@ -15,8 +15,7 @@ import sys
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, background_fixtures, needs
-from test_pipeline import finished, reproduced, run, stages_run
+from helpers import REPO, background_fixtures, finished, needs, reproduced, run, stages_run
 
 from transfer_study.__main__ import main
 from transfer_study.tune.search import TrialFailed, run_search, trial_table
