@@ -1,4 +1,4 @@
-"""The command line, `transfer-study` or `python -m transfer_study`: predict, tune, bench."""
+"""The command line, `transfer-study`: predict, lr-find, tune and bench."""
 
 import argparse
 import csv
@@ -107,6 +107,18 @@ def _main(argv):
     tune.add_argument("--name", help="the search's name, its experiments' prefix (the file's stem)")
     tune.add_argument("--trials", type=at_least(1), help="trials in all (the file's `trials`)")
     tune.add_argument("--sampler", choices=("tpe", "random"), help="the file's `sampler`")
+    finder = commands.add_parser(
+        "lr-find",
+        help="sweep the lr of a model's training, plot its loss, suggest an lr (in the project)",
+        description="Lightning's lr finder over what the model trains on (cached features or "
+        "activations of a backbone: seconds; images for the MLP and fine-tuning from images), "
+        "after dvc repro made them. Prints the suggested lr as a -S argument for dvc exp run.",
+    )
+    finder.add_argument("model", help="a model in the study: mlp, vgg16, lite0, ...")
+    finder.add_argument("--min-lr", type=float, default=1e-6, help="first lr of the sweep (1e-6)")
+    finder.add_argument("--max-lr", type=float, default=1.0, help="last lr of the sweep (1)")
+    finder.add_argument("--steps", type=at_least(20), default=100, help="batches swept (100)")
+    finder.add_argument("--plot", help="the loss curve's PNG (plots/lr_find/MODEL.png)")
     predict = commands.add_parser(
         "predict",
         help="top classes of image files and folders under a trained model (run in the project)",
@@ -118,7 +130,30 @@ def _main(argv):
     )
     predict.add_argument("images", nargs="+", help="image files (jpg, png, ...) or folders")
     args = parser.parse_args(argv)
-    return _tune(args) if args.command == "tune" else _predict(args)
+    return {"tune": _tune, "lr-find": _lr_find, "predict": _predict}[args.command](args)
+
+
+def _lr_find(args):
+    from transfer_study.core.config import load_params
+    from transfer_study.core.params_file import read_params
+    from transfer_study.train.lr_find import (  # torch and Lightning: only to sweep
+        check_range,
+        plot_sweep,
+        suggested_override,
+        sweep_lr,
+    )
+
+    check_range(args.min_lr, args.max_lr)
+    sweep = sweep_lr(args.model, load_params(), args.min_lr, args.max_lr, args.steps)
+    plot = Path(args.plot or f"plots/lr_find/{args.model}.png")
+    plot_sweep(sweep, args.model, plot)
+    print(f"{args.model}: {len(sweep.lrs)} steps from {sweep.lrs[0]:.2g} to {sweep.lrs[-1]:.2g}")
+    print(f"loss curve: {_shown(plot)}")
+    if sweep.suggested is None:
+        print("no suggestion: too few finite losses; raise --steps or lower --max-lr")
+        sys.exit(1)
+    print(f"suggested lr: {sweep.suggested:.3g} (the steepest fall of the loss)")
+    print(f"  dvc exp run {suggested_override(args.model, sweep.suggested, read_params())}")
 
 
 def _predict(args):
