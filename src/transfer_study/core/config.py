@@ -221,6 +221,9 @@ class BackboneParams:
     # N > 0 or "all" fine-tune from images.
     trainable_layers: Annotated[int | str, PlainValidator(_trainable_layers)]
     lr_decay: Factor  # lr factor per block going down from the head (layer-wise decay)
+    # Fine-tuning (trainable_layers above 0, or all): epochs the new head first trains alone on
+    # the frozen backbone's features, before any block unfreezes; 0 = none. Frozen: unused.
+    head_epochs: at_least(0)
     head: HeadParams
     train: TrainParams
 

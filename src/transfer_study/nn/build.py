@@ -165,11 +165,12 @@ ADDED_KEYS = {
     }
 }
 ADDED_MLP_KEYS = {"norm": "none", "residual": False}
+ADDED_BACKBONE_KEYS = {"head_epochs": 0}
 
 
 def _saved_section(name, raw):
     """The section saved in a model file, keys added since then filled in."""
-    added = {**ADDED_KEYS, **(ADDED_MLP_KEYS if name == "mlp" else {})}
+    added = {**ADDED_KEYS, **(ADDED_MLP_KEYS if name == "mlp" else ADDED_BACKBONE_KEYS)}
     return parse_section(name, deep_merge(added, raw) if isinstance(raw, dict) else raw)
 
 

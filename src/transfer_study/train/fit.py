@@ -4,6 +4,7 @@ import pytorch_lightning as pl
 
 from transfer_study.core.progress import bars
 from transfer_study.nn.device import enable_fast_cuda
+from transfer_study.train.head_first import train_head_first, trains_head_first
 from transfer_study.train.history import logged_history
 from transfer_study.train.inputs import load_training_inputs
 from transfer_study.train.live import LiveProgress
@@ -45,6 +46,11 @@ def train_model(name, params, callbacks=()):
 
     run_key = run_key_of(section, params.seed, (*inputs.train, *inputs.val))
     checkpoints, resume_from, start_over = checkpoint_folder(name, run_key, train.resume)
+    head_seconds = 0.0  # a resumed run's checkpoint holds its head already
+    if trains_head_first(section) and resume_from is None:
+        head_seconds = train_head_first(
+            name, module.net, inputs, train, section.head_epochs, params.seed
+        )
     live = LiveProgress(name, logged_history(checkpoints) if resume_from else None)
     trainer, best = build_trainer(train, checkpoints, start_over, [live, *callbacks])
     # A failed run leaves the previous run's outputs as they were: the model, history and
@@ -59,6 +65,7 @@ def train_model(name, params, callbacks=()):
         metrics = training_metrics(
             train, inputs, module.net, history, seconds, resumed, device_name(trainer)
         )
+        metrics["head_first_seconds"] = round(head_seconds, 2)  # not in train_seconds
         live.finish(history, seconds)
         config = model_config(name, section, params.seed, inputs)
         write_outputs(name, module.net, config, history, metrics)
