@@ -55,7 +55,8 @@ def test_fine_tuning_starts_from_the_head_trained_first(workdir, archive, name):
 
     net, inputs = _built(settings, name)
     random_head, below = _copy(net[-1]), _copy(net[:-1])
-    train_head_first(name, net, inputs, settings.model(name).train, 2, settings.seed)
+    section = settings.model(name)
+    train_head_first(name, net, inputs, section.train, 2, section.head_lr, settings.seed)
     assert _same(start.state, _copy(net[-1]))  # the start of fine-tuning, value by value
     assert not _same(random_head, _copy(net[-1]))  # the head did train
     # Nothing below the head moved, batch norms' running statistics included (eval mode).

@@ -224,6 +224,7 @@ class BackboneParams:
     # Fine-tuning (trainable_layers above 0, or all): epochs the new head first trains alone on
     # the frozen backbone's features, before any block unfreezes; 0 = none. Frozen: unused.
     head_epochs: at_least(0)
+    head_lr: checked(Number, f"a number > 0, at most {MAX_LR:,.0f}", lambda lr: 0 < lr <= MAX_LR)
     head: HeadParams
     train: TrainParams
 

@@ -165,7 +165,7 @@ ADDED_KEYS = {
     }
 }
 ADDED_MLP_KEYS = {"norm": "none", "residual": False}
-ADDED_BACKBONE_KEYS = {"head_epochs": 0}
+ADDED_BACKBONE_KEYS = {"head_epochs": 0, "head_lr": 1e-3}
 
 
 def _saved_section(name, raw):

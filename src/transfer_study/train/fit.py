@@ -49,7 +49,7 @@ def train_model(name, params, callbacks=()):
     head_seconds = 0.0  # a resumed run's checkpoint holds its head already
     if trains_head_first(section) and resume_from is None:
         head_seconds = train_head_first(
-            name, module.net, inputs, train, section.head_epochs, params.seed
+            name, module.net, inputs, train, section.head_epochs, section.head_lr, params.seed
         )
     live = LiveProgress(name, logged_history(checkpoints) if resume_from else None)
     trainer, best = build_trainer(train, checkpoints, start_over, [live, *callbacks])

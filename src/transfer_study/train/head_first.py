@@ -2,6 +2,7 @@
 learns alone on the frozen backbone's features for <model>.head_epochs epochs, so that a random
 head's large gradients do not damage the pretrained blocks (fastai's fine_tune, Keras' guide)."""
 
+import dataclasses
 import sys
 import time
 
@@ -20,8 +21,9 @@ def trains_head_first(section):
     return getattr(section, "head_epochs", 0) > 0 and section.trainable_layers != 0
 
 
-def train_head_first(name, net, inputs, train, epochs, seed):
-    """Train `net`'s head (its last module) alone for `epochs` epochs on what the rest of `net`
+def train_head_first(name, net, inputs, train, epochs, lr, seed):
+    """Train `net`'s head (its last module) alone for `epochs` epochs at `lr` (train's optimizer,
+    weight decay and label smoothing, no schedule) on what the rest of `net`
     gives the train inputs in eval mode (batch norms on their running statistics, no dropout):
     one pass below the head, then seconds an epoch. The rest of `net` is left as it was.
     Returns the seconds it took."""
@@ -35,7 +37,8 @@ def train_head_first(name, net, inputs, train, epochs, seed):
         ]
     )
     labels = torch.as_tensor(inputs.train[1], device=device)
-    optimizer = build_optimizer([p for p in head.parameters() if p.requires_grad], train)
+    trainable = [p for p in head.parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, dataclasses.replace(train, lr=lr))
     order = torch.Generator().manual_seed(seed)  # the draw of the batches, apart from training's
     head.train()
     for epoch in range(1, epochs + 1):

@@ -68,14 +68,23 @@ def sweep_lr(name, params, min_lr, max_lr, steps):
             num_training=steps,
             update_attr=False,
         )
-    return LrSweep(finder.results["lr"], finder.results["loss"], finder.suggestion())
+    return LrSweep(
+        finder.results["lr"], finder.results["loss"], finder.suggestion(skip_begin=SKIPPED_STEPS)
+    )
+
+
+# Steps left out of the curve, as Lightning's suggestion leaves them out: the running average
+# of the loss starts biased low (about half the loss at the first step).
+SKIPPED_STEPS = 10
 
 
 def plot_sweep(sweep, name, path):
-    """The loss against the lr (log scale), the suggestion marked, as a PNG at `path`."""
+    """The loss against the lr (log scale) after its first SKIPPED_STEPS steps, the suggestion
+    marked, as a PNG at `path`."""
+    first = SKIPPED_STEPS if len(sweep.lrs) > SKIPPED_STEPS + 2 else 0
     figure = Figure(figsize=(6, 4))
     axes = figure.subplots()
-    axes.plot(sweep.lrs, sweep.losses)
+    axes.plot(sweep.lrs[first:], sweep.losses[first:])
     if sweep.suggested is not None:
         index = sweep.lrs.index(sweep.suggested)
         axes.plot(sweep.suggested, sweep.losses[index], "o", color="red")
