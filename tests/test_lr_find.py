@@ -9,7 +9,7 @@ from transfer_study.__main__ import main
 from transfer_study.core import paths
 from transfer_study.core.params_file import deep_merge
 from transfer_study.core.stage import UserError
-from transfer_study.train.lr_find import LrSweep, check_range, plot_sweep, sweep_lr
+from transfer_study.lr_find import LrSweep, check_range, plot_sweep, sweep_lr
 
 
 def _digest(path):

@@ -312,7 +312,7 @@ def test_an_interrupted_search_resumes_without_repeating_a_trial(searched):
     assert stages_run(resumed).count("train_vgg16") == 1
 
 
-def test_the_console_script_offers_predict_tune_and_bench(capsys):
+def test_the_console_script_offers_predict_lr_find_tune_and_bench(capsys):
     import tomllib
 
     scripts = tomllib.loads(open(f"{REPO}/pyproject.toml").read())["project"]["scripts"]
@@ -320,7 +320,7 @@ def test_the_console_script_offers_predict_tune_and_bench(capsys):
     with pytest.raises(SystemExit) as done:
         main(["-h"])
     assert done.value.code == 0
-    assert "{bench,tune,predict}" in capsys.readouterr().out
+    assert "{bench,tune,lr-find,predict}" in capsys.readouterr().out
     with pytest.raises(SystemExit) as refused:  # bench: the benchmarks' own arguments
         main(["bench", "cut", "--images", "0"])
     assert refused.value.code == 2

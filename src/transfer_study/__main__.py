@@ -136,7 +136,7 @@ def _main(argv):
 def _lr_find(args):
     from transfer_study.core.config import load_params
     from transfer_study.core.params_file import read_params
-    from transfer_study.train.lr_find import (  # torch and Lightning: only to sweep
+    from transfer_study.lr_find import (  # torch and Lightning: only to sweep
         check_range,
         plot_sweep,
         suggested_override,

@@ -9,7 +9,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-from transfer_study.inference import frozen_outputs
 from transfer_study.train.loaders import trains_on_gpu
 from transfer_study.train.optim import build_optimizer
 
@@ -30,12 +29,13 @@ def train_head_first(name, net, inputs, train, epochs, lr, seed):
     started = time.perf_counter()
     device = torch.device("cuda" if trains_on_gpu(train) else "cpu")
     below, head = net[:-1].to(device).eval(), net[-1].to(device)
-    features = torch.cat(
-        [
-            frozen_outputs(below, _batch(inputs.train[0], first, device), device, None)
-            for first in range(0, len(inputs.train[1]), BATCH_SIZE)
-        ]
-    )
+    with torch.no_grad():  # float32, as the head trains: no autocast
+        features = torch.cat(
+            [
+                below(_batch(inputs.train[0], first, device)).flatten(1)
+                for first in range(0, len(inputs.train[1]), BATCH_SIZE)
+            ]
+        )
     labels = torch.as_tensor(inputs.train[1], device=device)
     trainable = [p for p in head.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, dataclasses.replace(train, lr=lr))
@@ -44,7 +44,7 @@ def train_head_first(name, net, inputs, train, epochs, lr, seed):
     for epoch in range(1, epochs + 1):
         total = 0.0
         for batch in torch.randperm(len(labels), generator=order).split(inputs.batch_size):
-            logits = head(features[batch.to(device)].float())
+            logits = head(features[batch.to(device)])
             loss = F.cross_entropy(
                 logits, labels[batch.to(device)], label_smoothing=train.label_smoothing
             )
