@@ -12,8 +12,8 @@ from transfer_study.train.head_first import train_head_first
 from transfer_study.train.inputs import load_training_inputs
 from transfer_study.train.network import build_classifier
 
-# VGG16 fine-tuned from images; Lite0 from the activations featurize caches below its top 2.
-CASES = {"vgg16": {"trainable_layers": 1}, "lite0": {"trainable_layers": 2}}
+# Lite0 fine-tuned whole from images, or its top 2 blocks from the activations featurize caches.
+CASES = {"images": "all", "activations": 2}
 
 
 class StartingHead(pl.Callback):
@@ -31,9 +31,12 @@ def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
-def _settings(archive, name, head_epochs):
-    section = CASES[name] | {"head_epochs": head_epochs}
-    return params(archive, models=only(name), train={"max_epochs": 1}, **{name: section})
+def _settings(archive, inputs, head_epochs):
+    section = {"trainable_layers": CASES[inputs], "head_epochs": head_epochs}
+    settings = params(archive, models=only("lite0"), train={"max_epochs": 1}, lite0=section)
+    if inputs == "activations":
+        featurize_model("lite0", settings.model("lite0"), hflip=False)
+    return settings
 
 
 def _built(settings, name):
@@ -44,11 +47,10 @@ def _built(settings, name):
     return build_classifier(name, section, inputs).net, inputs
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_fine_tuning_starts_from_the_head_trained_first(workdir, archive, name):
-    settings = _settings(archive, name, head_epochs=2)
-    if name == "lite0":
-        featurize_model(name, settings.model(name), hflip=False)
+@pytest.mark.parametrize("inputs", list(CASES))
+def test_fine_tuning_starts_from_the_head_trained_first(workdir, archive, inputs):
+    name = "lite0"
+    settings = _settings(archive, inputs, head_epochs=2)
     start = StartingHead()
     metrics = train_model(name, settings, callbacks=[start])
     assert metrics["head_first_seconds"] > 0
@@ -64,15 +66,15 @@ def test_fine_tuning_starts_from_the_head_trained_first(workdir, archive, name):
 
 
 def test_without_head_epochs_fine_tuning_starts_from_the_random_head(workdir, archive):
-    settings = _settings(archive, "vgg16", head_epochs=0)
+    settings = _settings(archive, "activations", head_epochs=0)
     start = StartingHead()
-    metrics = train_model("vgg16", settings, callbacks=[start])
+    metrics = train_model("lite0", settings, callbacks=[start])
     assert metrics["head_first_seconds"] == 0
-    net, _ = _built(settings, "vgg16")
+    net, _ = _built(settings, "lite0")
     assert _same(start.state, _copy(net[-1]))
 
 
 def test_a_frozen_backbone_has_no_head_first(workdir, archive):
-    settings = params(archive, models=only("vgg16"), vgg16={"head_epochs": 3})
-    featurize_model("vgg16", settings.model("vgg16"), hflip=False)
-    assert train_model("vgg16", settings)["head_first_seconds"] == 0
+    settings = params(archive, models=only("lite0"), lite0={"head_epochs": 3})
+    featurize_model("lite0", settings.model("lite0"), hflip=False)
+    assert train_model("lite0", settings)["head_first_seconds"] == 0
