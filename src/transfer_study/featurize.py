@@ -27,6 +27,11 @@ from transfer_study.nn.device import (
 # GPU batches aim to fill the device (VGG16 at 224 px in bf16 takes ~6 GiB for 256 images) and
 # halve on out-of-memory.
 BATCH_SIZE = {"cpu": 32, "cuda": 512}
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}  # <model>.featurize_precision -> autocast
+PROBE_BATCHES = 2  # timed batches of each precision, after one warm-up batch each
+# auto keeps bf16 on a CPU where it runs at least this much faster than fp32: near a tie, the
+# exact fp32 wins, and a noisy probe does not flip the cache from one run to the next.
+BF16_MARGIN = 1.2
 
 
 def _write_header(file, rows, feature_dim):
@@ -83,6 +88,33 @@ def featurize(
             first += len(batch)
             bar.update(len(batch))
     return len(images) / (time.perf_counter() - start)
+
+
+def choose_precision(precision, extractor, images, device):
+    """(the frozen pass's autocast dtype, {"bf16": images/s, "fp32": images/s} of the probe, or
+    {}). `precision` bf16 or fp32: as asked. auto: on a GPU, autocast_dtype's (bf16, or fp16
+    without bf16 units); on a CPU without bf16 instructions, fp32; on one with them, bf16 and
+    fp32 each run PROBE_BATCHES batches of `images`, and bf16 is kept where it is BF16_MARGIN
+    times as fast: it pays on some CPUs and backbones, and costs on others."""
+    if precision != "auto":
+        return PRECISIONS[precision], {}
+    if device.type != "cpu" or featurize_dtype(device) is None:
+        return featurize_dtype(device), {}
+    batch = torch.from_numpy(images[: BATCH_SIZE["cpu"]])
+    rates = {name: _probe_rate(extractor, batch, dtype) for name, dtype in PRECISIONS.items()}
+    return (torch.bfloat16 if rates["bf16"] >= BF16_MARGIN * rates["fp32"] else None), rates
+
+
+@torch.inference_mode()
+def _probe_rate(extractor, batch, dtype):
+    """Images per second of the frozen pass over `batch` on the CPU, autocast to `dtype`."""
+    batch = batch.contiguous(memory_format=torch.channels_last)
+    cpu = torch.device("cpu")
+    frozen_outputs(extractor, batch, cpu, dtype)  # oneDNN picks its kernels at the first batch
+    start = time.perf_counter()
+    for _ in range(PROBE_BATCHES):
+        frozen_outputs(extractor, batch, cpu, dtype)
+    return round(PROBE_BATCHES * len(batch) / (time.perf_counter() - start), 1)
 
 
 @torch.inference_mode()
@@ -155,6 +187,11 @@ def featurize_model(name, section, hflip=False, crop=0):
     jobs.append((paths.FLIPPED_TEST, "test", True))
     splits = {split: load_split(paths.split_file(split)).images for split in SPLITS}
     shape = _output_shape(extractor, splits["train"][:1], device)
+    dtype, probe = choose_precision(section.featurize_precision, extractor, splits["train"], device)
+    if world > 1:  # every rank casts as rank 0 chose: one cache, one precision
+        chosen = [DTYPE_NAMES[dtype]]
+        dist.broadcast_object_list(chosen, src=0)
+        dtype = {name: value for value, name in DTYPE_NAMES.items()}[chosen[0]]
     rows = sum(len(splits[split]) for _, split, _ in jobs)
     _check_disk(name, section, shape, rows)
     # The cache is one set: a failed or interrupted pass puts the previous one back whole, and
@@ -180,6 +217,7 @@ def featurize_model(name, section, hflip=False, crop=0):
                 device,
                 desc=f"{name} {out_name}",
                 flip=flip,
+                dtype=dtype,
             )
             if world > 1:
                 dist.barrier()
@@ -207,7 +245,9 @@ def featurize_model(name, section, hflip=False, crop=0):
             "seconds": round(time.perf_counter() - begun, 2),
             "images_per_second": {s: round(v, 1) for s, v in timings.items()},
             "device": str(device) if world == 1 else f"{world} x {device.type}",
-            "precision": DTYPE_NAMES[featurize_dtype(device)],
+            "precision": DTYPE_NAMES[dtype],
+            # featurize_precision auto on a CPU: what each ran at (images/s) when it chose
+            **({"precision_probe": probe} if probe else {}),
         }
         write_json(paths.featurize_metrics(name), metrics)
     return metrics

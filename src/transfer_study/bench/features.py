@@ -24,14 +24,13 @@ from torchvision import transforms
 from transfer_study.core.stage import exit_on_user_error
 from transfer_study.data.readers import read_cifar10
 from transfer_study.data.splits import channel_stats
-from transfer_study.featurize import BATCH_SIZE, featurize
+from transfer_study.featurize import BATCH_SIZE, choose_precision, featurize
 from transfer_study.inference import prepare_extractor
 from transfer_study.nn.backbones import backbone_spec, feature_extractor
 from transfer_study.nn.device import (
     DTYPE_NAMES,
     default_device,
     enable_fast_cuda,
-    featurize_dtype,
 )
 from transfer_study.nn.layers import Preprocess, mlp
 from transfer_study.train.loaders import make_loader
@@ -156,6 +155,15 @@ def bench_backbone(name, images, labels, size, device, weights, batch_size=32, h
         f"{seconds:.2f} s, {len(labels) / seconds:.1f} images/s, {memory.describe()}"
     )
 
+    # As the stage's featurize_precision: auto chooses (on a CPU, by a probe of both).
+    dtype, probe = choose_precision("auto", extractor, images, device)
+    precision = DTYPE_NAMES[dtype]
+    if probe:
+        print(
+            f"  featurize precision probe: bf16 {probe['bf16']:.1f} images/s, fp32 "
+            f"{probe['fp32']:.1f} images/s ({probe['bf16'] / probe['fp32']:.2f}x): auto keeps "
+            f"{precision}"
+        )
     with tempfile.TemporaryDirectory() as tmp, PeakMemory() as memory:
         out = Path(tmp) / "features.npy"
         featurize(
@@ -165,14 +173,16 @@ def bench_backbone(name, images, labels, size, device, weights, batch_size=32, h
             spec.feature_dim,
             device,
             desc="warm-up",
+            dtype=dtype,
         )  # cuDNN autotuning and lazy init stay out of the timing
         _sync(device)
         start = time.perf_counter()
-        featurize(extractor, images, out, spec.feature_dim, device, desc=f"featurize {name}")
+        featurize(
+            extractor, images, out, spec.feature_dim, device, desc=f"featurize {name}", dtype=dtype
+        )
         _sync(device)
         seconds = time.perf_counter() - start
         features = np.load(out)
-    precision = DTYPE_NAMES[featurize_dtype(device)]
     results["featurize_s"] = seconds
     results["featurize_images_per_s"] = len(labels) / seconds
     print(

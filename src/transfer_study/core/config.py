@@ -225,6 +225,9 @@ class BackboneParams:
     # the frozen backbone's features, before any block unfreezes; 0 = none. Frozen: unused.
     head_epochs: at_least(0)
     head_lr: checked(Number, f"a number > 0, at most {MAX_LR:,.0f}", lambda lr: 0 < lr <= MAX_LR)
+    # The frozen pass's autocast in featurize: auto (bf16 on a CPU only where a probe finds it
+    # faster), or bf16 or fp32 pinned, for a cache that is the same on every machine
+    featurize_precision: one_of(("auto", "bf16", "fp32"))
     head: HeadParams
     train: TrainParams
 

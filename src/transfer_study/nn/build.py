@@ -165,7 +165,7 @@ ADDED_KEYS = {
     }
 }
 ADDED_MLP_KEYS = {"norm": "none", "residual": False}
-ADDED_BACKBONE_KEYS = {"head_epochs": 0, "head_lr": 1e-3}
+ADDED_BACKBONE_KEYS = {"head_epochs": 0, "head_lr": 1e-3, "featurize_precision": "auto"}
 
 
 def _saved_section(name, raw):
