@@ -100,8 +100,10 @@ def _one_line(cls, where, problems):
 
 
 Widths = checked(
-    Annotated[  # a list, not a set or a mapping
-        tuple[Integer, ...], BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)
+    Annotated[
+        tuple[Integer, ...],
+        BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v),
+        Strict(),  # a list, not a set or a mapping
     ],
     "a list of integers >= 1",
     lambda widths: all(width >= 1 for width in widths),
