@@ -43,15 +43,14 @@ def train_head_first(name, net, inputs, train, epochs, lr, seed):
     head.train()
     for epoch in range(1, epochs + 1):
         total = 0.0
-        for batch in torch.randperm(len(labels), generator=order).split(inputs.batch_size):
-            logits = head(features[batch.to(device)])
-            loss = F.cross_entropy(
-                logits, labels[batch.to(device)], label_smoothing=train.label_smoothing
-            )
+        for rows in torch.randperm(len(labels), generator=order).split(inputs.batch_size):
+            rows = rows.to(device)
+            logits = head(features[rows])
+            loss = F.cross_entropy(logits, labels[rows], label_smoothing=train.label_smoothing)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(batch)
+            total += loss.item() * len(rows)
         seconds = time.perf_counter() - started
         print(
             f"{name}: head first, epoch {epoch}/{epochs}: train/loss {total / len(labels):.4f} "
