@@ -9,7 +9,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from transfer_study.train.loaders import trains_on_gpu
+from transfer_study.train.loaders import training_device
 from transfer_study.train.optim import build_optimizer
 
 BATCH_SIZE = 256  # images or cached rows per pass of the frozen network below the head
@@ -27,7 +27,7 @@ def train_head_first(name, net, inputs, train, epochs, lr, seed):
     one pass below the head, then seconds an epoch. The rest of `net` is left as it was.
     Returns the seconds it took."""
     started = time.perf_counter()
-    device = torch.device("cuda" if trains_on_gpu(train) else "cpu")
+    device = training_device(train)
     below, head = net[:-1].to(device).eval(), net[-1].to(device)
     with torch.no_grad():  # float32, as the head trains: no autocast
         features = torch.cat(

@@ -106,6 +106,11 @@ def trains_on_gpu(train):
     return torch.cuda.is_available() and train.accelerator != "cpu"
 
 
+def training_device(train):
+    """The device this training runs on: CUDA where trains_on_gpu, else the CPU."""
+    return torch.device("cuda" if trains_on_gpu(train) else "cpu")
+
+
 def data_device(train, nbytes):
     """Where the training tensors live: "cuda" when one GPU trains and they take under a quarter
     of its free memory (batches are then gathered there, with no host-to-device copy per step),

@@ -5,7 +5,7 @@ import torch
 from transfer_study.core.config import MlpParams
 from transfer_study.nn.build import build_net, check_trainable
 from transfer_study.nn.device import memory_bytes
-from transfer_study.train.loaders import trains_on_gpu
+from transfer_study.train.loaders import training_device
 from transfer_study.train.module import Classifier
 from transfer_study.train.optim import param_groups
 
@@ -13,7 +13,7 @@ from transfer_study.train.optim import param_groups
 def build_classifier(name, section, inputs):
     """The Classifier of model `name` (its `section`) for TrainingInputs `inputs`."""
     train, num_classes = section.train, len(inputs.classes)
-    memory = memory_bytes(torch.device("cuda" if trains_on_gpu(train) else "cpu"))
+    memory = memory_bytes(training_device(train))
     check_trainable(name, section, num_classes, inputs.stats, inputs.feature_dim, memory)
     net = build_net(
         name,

@@ -11,7 +11,7 @@ from pytorch_lightning.loggers import CSVLogger
 from transfer_study.core.stage import UserError
 from transfer_study.nn.device import LIGHTNING_PRECISION, autocast_dtype
 from transfer_study.train.live import progress_bar_callbacks
-from transfer_study.train.loaders import trains_on_gpu
+from transfer_study.train.loaders import training_device
 from transfer_study.train.rendezvous import BoundedDDP
 from transfer_study.train.stop import StopOnSignal
 from transfer_study.train.timing import BatchTiming
@@ -37,7 +37,7 @@ def resolve_precision(train):
     the CPU."""
     if train.precision != "auto":
         return train.precision
-    device = torch.device("cuda" if trains_on_gpu(train) else "cpu")
+    device = training_device(train)
     return LIGHTNING_PRECISION[autocast_dtype(device)]
 
 
