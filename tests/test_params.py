@@ -107,6 +107,7 @@ def test_model_train_section_overrides_only_that_model():
         ({"models": {"Bad-Name": True}}, "models: 'Bad-Name' is not a model name (lowercase"),
         ({"train": {"lr": "x" * 10**6}}, "train.lr: expected a number, got 'xxxxxxxxxxxxx"),
         ({"train": {"label_smoothing": 1}}, "train.label_smoothing = 1.0: accepts a number in [0,"),
+        ({"mlp": {"train": {"mixup": -0.2}}}, "mlp.train.mixup = -0.2: accepts a number >= 0"),
         ({"mlp": {"norm": "group"}}, "mlp.norm = 'group': accepts one of none, batch, layer"),
         ({"mlp": {"residual": 1}}, "mlp.residual: expected true or false, got 1"),
         ({"mlp": {"residual": True}}, "mlp.residual = True: accepts false with mlp.hidden = [256"),
@@ -148,7 +149,7 @@ def alias_bomb(levels=12):
 
 LRR = (
     "error: unknown key 'train.lrr' (valid: optimizer, lr, momentum, weight_decay, l1, "
-    "scheduler, gamma, warmup_epochs, label_smoothing, per_class, batch_size, max_epochs, "
+    "scheduler, gamma, warmup_epochs, label_smoothing, mixup, per_class, batch_size, max_epochs, "
     "patience, min_delta, hflip, crop, accelerator, devices, num_nodes, rendezvous_timeout, "
     "strategy, precision, compile, deterministic, resume)"
 )

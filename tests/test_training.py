@@ -206,6 +206,36 @@ def test_label_smoothing_reaches_the_train_loss_only(archive):
     assert not torch.isclose(train, val)
 
 
+@pytest.mark.parametrize("pixels", [True, False])
+def test_mixup_blends_train_rows_and_their_targets_only_in_training(archive, pixels):
+    section = params(archive, train={"mixup": 0.4, "label_smoothing": 0.1}).model("mlp")
+    net = build_net("mlp", section, 10, STATS)
+    module = Classifier(net if pixels else net[2], section.train, 10, pixels=pixels).eval()
+    module.log = lambda *args, **kwargs: None  # outside a Trainer
+    shape = (8, 3, 32, 32) if pixels else (8, 3072)  # images, or rows of cached features
+    inputs = torch.randint(0, 256, shape, dtype=torch.uint8 if pixels else torch.float16)
+    labels = torch.arange(8)  # eight classes: each row's own label differs from its partner's
+    module._trainer = SimpleNamespace(training=False)
+    assert module.on_after_batch_transfer((inputs, labels), 0)[1] is labels
+    module._trainer = SimpleNamespace(training=True)
+    torch.manual_seed(0)
+    mixed, targets = module.on_after_batch_transfer((inputs, labels), 0)
+    share = targets[0, 0].item()  # one Beta(0.4, 0.4) weight for the whole batch
+    assert 0 < share < 1 and share != 0.5
+    partner = labels.roll(1)  # each row is blended with the one before it
+    expected = share * F.one_hot(labels, 10) + (1 - share) * F.one_hot(partner, 10)
+    torch.testing.assert_close(targets, expected.float())
+    torch.testing.assert_close(
+        mixed, share * inputs.float() + (1 - share) * inputs.float().roll(1, 0)
+    )
+    logits = module.net(mixed).float()
+    torch.testing.assert_close(
+        module._step((mixed, targets), "train"),
+        F.cross_entropy(logits, targets, label_smoothing=0.1),
+    )
+    assert module.train_acc.compute() == (logits.argmax(1) == targets.argmax(1)).float().mean()
+
+
 def test_batch_larger_than_train_split_is_refused(workdir, archive):
     with pytest.raises(UserError, match="mlp.train.batch_size = 512 is larger than the train"):
         train_model("mlp", params(archive, train={"batch_size": 512}))

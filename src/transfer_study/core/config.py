@@ -124,6 +124,7 @@ class TrainParams:
     gamma: Factor
     warmup_epochs: Number  # lr rises linearly from ~0 over these epochs, then follows `scheduler`
     label_smoothing: Fraction  # share of each train target spread over the other classes
+    mixup: NonNegative  # alpha of mixup's Beta(alpha, alpha) blend of train batches; 0 = off
     # Labeled train images drawn of each class (seeded, nested: 10 lie inside 100); None = all
     per_class: checked(
         Integer | None,

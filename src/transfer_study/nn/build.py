@@ -155,13 +155,14 @@ def saved_inputs(section, config):
 
 # Keys added since model files were first written, with the value that matches a model saved
 # before them (no warm-up, no smoothing, every train image, torch's default process-group timeout
-# of 30 minutes, a plain MLP): such a file still loads.
+# of 30 minutes, no mixup, a plain MLP): such a file still loads.
 ADDED_KEYS = {
     "train": {
         "warmup_epochs": 0,
         "label_smoothing": 0.0,
         "per_class": None,
         "rendezvous_timeout": 1800.0,
+        "mixup": 0.0,
     }
 }
 ADDED_MLP_KEYS = {"norm": "none", "residual": False}

@@ -22,9 +22,9 @@ def trains_head_first(section):
 
 def train_head_first(name, net, inputs, train, epochs, lr, seed):
     """Train `net`'s head (its last module) alone for `epochs` epochs at `lr` (train's optimizer,
-    weight decay and label smoothing, no schedule) on what the rest of `net`
-    gives the train inputs in eval mode (batch norms on their running statistics, no dropout):
-    one pass below the head, then seconds an epoch. The rest of `net` is left as it was.
+    weight decay and label smoothing; no schedule, no mixup) on what the rest of `net` gives the
+    train inputs in eval mode (batch norms on their running statistics, no dropout): one pass
+    below the head, then seconds an epoch. The rest of `net` is left as it was.
     Returns the seconds it took."""
     started = time.perf_counter()
     device = training_device(train)

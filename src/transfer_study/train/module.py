@@ -4,6 +4,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
+from torchvision.transforms.v2 import MixUp
 
 from transfer_study.nn.layers import augment, frozen_modules
 from transfer_study.train.optim import build_optimizer, build_scheduler, scheduled, trainable_params
@@ -13,6 +14,8 @@ class Classifier(pl.LightningModule):
     """Any network mapping a batch to class logits: shared step, per-split accuracy.
 
     `pixels`: the inputs are images, augmented on the device (train.hflip, train.crop).
+    train.mixup > 0: every train batch, pixels, features or activations, is mixed up (its
+    targets become class shares).
     `param_groups`: [{"params": [...], "lr_scale": x}], the optimizer's groups; default: every
     trainable parameter at train.lr.
     """
@@ -26,6 +29,9 @@ class Classifier(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.frozen = frozen_modules(net)
+        # torchvision's MixUp blends each row with the next one (the loader shuffles) at one
+        # Beta(alpha, alpha) weight a batch, and the one-hot targets with them.
+        self.mixup = MixUp(alpha=train.mixup, num_classes=num_classes) if train.mixup else None
 
     def train(self, mode=True):
         super().train(mode)
@@ -54,6 +60,11 @@ class Classifier(pl.LightningModule):
             inputs = inputs.float()
         if self.pixels and self.trainer.training:
             inputs = augment(inputs, self.train_params.hflip, self.train_params.crop)
+        if self.mixup is not None and self.trainer.training:
+            # As 1 x 1 images of many channels, since MixUp takes image batches only; a
+            # Preprocess layer takes the float pixels as it takes uint8 ones.
+            mixed, labels = self.mixup(inputs.float().reshape(len(inputs), -1, 1, 1), labels)
+            inputs = mixed.reshape(inputs.shape)
         return inputs, labels
 
     def _step(self, batch, split):
@@ -64,7 +75,8 @@ class Classifier(pl.LightningModule):
         smoothing = self.train_params.label_smoothing if split == "train" else 0.0
         loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
         accuracy = getattr(self, f"{split}_acc")
-        accuracy(logits, labels)
+        # A mixed-up image counts as the class of its larger share.
+        accuracy(logits, labels if labels.ndim == 1 else labels.argmax(1))
         self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log(f"{split}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         return loss
