@@ -1,6 +1,7 @@
 """docs/results.md "Full CIFAR-10": each command parses, and each of its params reaches the
 network, the optimizer, the schedule, the trainer or evaluate."""
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ from transfer_study.core.params_file import deep_merge
 from transfer_study.nn.backbones import cached_inputs
 from transfer_study.nn.build import build_net
 from transfer_study.nn.layers import Residual
+from transfer_study.train.head_first import trains_head_first
 from transfer_study.train.module import Classifier
 from transfer_study.train.optim import lr_factor, param_groups
 from transfer_study.train.trainer import resolve_precision
@@ -33,6 +35,7 @@ NAMES = (
     "partial_top3",
     "partial_top5",
     "partial_top6",
+    "partial_top6_head",
     "fine_tuned",
 )
 
@@ -179,3 +182,19 @@ def test_partly_fine_tuned_lite0_trains_its_top_blocks_from_cached_activations(
     assert (train.optimizer, train.lr, train.weight_decay, train.crop) == ("adamw", 5e-4, 0.05, 0)
     assert (train.max_epochs, train.patience) == (epochs, epochs)
     assert resolve_precision(train) == precision
+
+
+def test_top6_head_first_is_the_top6_recipe_after_five_head_epochs():
+    top6, head_first = params("partial_top6"), params("partial_top6_head")
+    lite0 = head_first.model("lite0")
+    assert trains_head_first(lite0) and not trains_head_first(top6.model("lite0"))
+    assert (lite0.head_epochs, lite0.head_lr, lite0.featurize_precision) == (5, 1e-3, "bf16")
+    # Nothing else differs: the same blocks, head, recipe, data and evaluation.
+    same = dataclasses.replace(lite0, head_epochs=0, featurize_precision="auto")
+    assert same == top6.model("lite0")
+    assert (head_first.data, head_first.train, head_first.evaluate, head_first.models) == (
+        top6.data,
+        top6.train,
+        top6.evaluate,
+        top6.models,
+    )
