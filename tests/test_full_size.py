@@ -30,6 +30,7 @@ SECTION = "Full CIFAR-10"
 # The commands of that section, by their labels there: the tests below check each one's params.
 NAMES = (
     "mlp",
+    "mlp_long",
     "frozen",
     "lite2",
     "partial_top3",
@@ -198,3 +199,10 @@ def test_top6_head_first_is_the_top6_recipe_after_five_head_epochs():
         top6.evaluate,
         top6.models,
     )
+
+
+def test_the_long_mlp_is_the_strong_mlp_trained_160_epochs():
+    strong, longer = params("mlp").model("mlp"), params("mlp_long").model("mlp")
+    assert (longer.train.max_epochs, longer.train.patience) == (160, 160)
+    assert dataclasses.replace(longer.train, max_epochs=40, patience=40) == strong.train
+    assert dataclasses.replace(longer, train=strong.train) == strong
