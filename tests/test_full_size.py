@@ -31,6 +31,7 @@ SECTION = "Full CIFAR-10"
 NAMES = (
     "mlp",
     "mlp_long",
+    "mlp_mixup",
     "frozen",
     "lite2",
     "partial_top3",
@@ -201,8 +202,12 @@ def test_top6_head_first_is_the_top6_recipe_after_five_head_epochs():
     )
 
 
-def test_the_long_mlp_is_the_strong_mlp_trained_160_epochs():
-    strong, longer = params("mlp").model("mlp"), params("mlp_long").model("mlp")
-    assert (longer.train.max_epochs, longer.train.patience) == (160, 160)
-    assert dataclasses.replace(longer.train, max_epochs=40, patience=40) == strong.train
+@pytest.mark.parametrize(("name", "mixup"), [("mlp_long", 0.0), ("mlp_mixup", 0.4)])
+def test_the_long_mlps_are_the_strong_mlp_trained_160_epochs(name, mixup):
+    strong, longer = params("mlp").model("mlp"), params(name).model("mlp")
+    assert (longer.train.max_epochs, longer.train.patience, longer.train.mixup) == (160, 160, mixup)
+    same = dataclasses.replace(longer.train, max_epochs=40, patience=40, mixup=0.0)
+    assert same == strong.train
     assert dataclasses.replace(longer, train=strong.train) == strong
+    module = Classifier(build_net("mlp", longer, 10, STATS), longer.train, 10, pixels=True)
+    assert (module.mixup.alpha if module.mixup else 0.0) == mixup
