@@ -189,9 +189,9 @@ def featurize_model(name, section, hflip=False, crop=0):
     shape = _output_shape(extractor, splits["train"][:1], device)
     dtype, probe = choose_precision(section.featurize_precision, extractor, splits["train"], device)
     if world > 1:  # every rank casts as rank 0 chose: one cache, one precision
-        chosen = [DTYPE_NAMES[dtype]]
+        chosen = [dtype]
         dist.broadcast_object_list(chosen, src=0)
-        dtype = {name: value for value, name in DTYPE_NAMES.items()}[chosen[0]]
+        (dtype,) = chosen
     rows = sum(len(splits[split]) for _, split, _ in jobs)
     _check_disk(name, section, shape, rows)
     # The cache is one set: a failed or interrupted pass puts the previous one back whole, and

@@ -67,6 +67,7 @@ COMMON_KEYS = ("seed", "models", "data", "train", "evaluate")
 
 
 Count = checked(Integer | None, "null or an integer >= 10", lambda n: n is None or n >= 10)
+LearningRate = checked(Number, f"a number > 0, at most {MAX_LR:,.0f}", lambda lr: 0 < lr <= MAX_LR)
 
 
 @params_section
@@ -116,7 +117,7 @@ class DataParams:
 @params_section
 class TrainParams:
     optimizer: one_of(OPTIMIZERS)
-    lr: checked(Number, f"a number > 0, at most {MAX_LR:,.0f}", lambda lr: 0 < lr <= MAX_LR)
+    lr: LearningRate
     momentum: Fraction
     weight_decay: NonNegative
     l1: NonNegative
@@ -225,7 +226,7 @@ class BackboneParams:
     # Fine-tuning (trainable_layers above 0, or all): epochs the new head first trains alone on
     # the frozen backbone's features, before any block unfreezes; 0 = none. Frozen: unused.
     head_epochs: at_least(0)
-    head_lr: checked(Number, f"a number > 0, at most {MAX_LR:,.0f}", lambda lr: 0 < lr <= MAX_LR)
+    head_lr: LearningRate
     # The frozen pass's autocast in featurize: auto (bf16 on a CPU only where a probe finds it
     # faster), or bf16 or fp32 pinned, for a cache that is the same on every machine
     featurize_precision: one_of(("auto", "bf16", "fp32"))
